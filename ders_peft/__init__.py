@@ -1,0 +1,34 @@
+"""ders_peft: DeRS Mixture-of-Experts upcycling (and, next, compression) as a peft method.
+
+``import ders_peft`` registers ``PeftType.DERS`` with peft, so ``get_peft_model(model, DeRSConfig(...))``,
+``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work, and adds a Trainer callback that logs the router
+losses and scales them under gradient accumulation.
+"""
+
+from .config import DeRSConfig
+from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, SparseDelta
+from .layer import DeRSLayer
+from .model import DeRSModel
+from .registration import PEFT_TYPE_DERS, register
+from .report import ParameterReport, parameter_report
+from .trainer_callback import DeRSTrainerCallback, install_default_callback
+
+register(DeRSConfig, DeRSModel)
+install_default_callback()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DELTA_CLASSES",
+    "PEFT_TYPE_DERS",
+    "DeRSConfig",
+    "DeRSLayer",
+    "DeRSModel",
+    "DeRSTrainerCallback",
+    "Delta",
+    "FullDelta",
+    "LowRankDelta",
+    "ParameterReport",
+    "SparseDelta",
+    "parameter_report",
+]

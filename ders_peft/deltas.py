@@ -1,0 +1,224 @@
+"""Delta representations: one small class per kind behind the :class:`Delta` interface.
+
+A delta holds, for one weight matrix of shape ``(out, in)``, the E per-expert changes ``Delta_e`` and applies them to
+routed tokens without building ``W_base + Delta_e``. New kinds (quantized, SVD, ...) subclass :class:`Delta` and add
+themselves to :data:`DELTA_CLASSES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .routing import RoutingPlan
+
+
+def grouped_apply(
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    fn: Callable[[int, torch.Tensor], torch.Tensor],
+    out_features: int,
+) -> torch.Tensor:
+    """Apply ``fn(expert, rows)`` to the slots of each expert, permuting slots by expert once.
+
+    ``x`` is ``(T, in)`` (shared by all slots of a token) or ``(T, S, in)``; ``fn`` maps the ``(n_e, in)`` rows routed
+    to expert e to ``(n_e, out)``. Returns ``(T, S, out)``. No per-expert zero-filled buffer of all tokens is built.
+    """
+    T, S = plan.expert_idx.shape
+    order, inverse, counts = plan.sorted_slots()
+    rows = x.index_select(0, order // S) if x.dim() == 2 else x.reshape(T * S, -1).index_select(0, order)
+    outs = [fn(e, chunk) for e, chunk in enumerate(rows.split(counts)) if counts[e]]
+    if not outs:
+        return x.new_zeros(T, S, out_features)
+    return torch.cat(outs).index_select(0, inverse).view(T, S, out_features)
+
+
+def _weighted_sum(per_slot: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    return torch.einsum("tso,ts->to", per_slot, plan.weights.to(per_slot.dtype))
+
+
+class Delta(nn.Module):
+    """Interface of a per-expert weight change for one ``(out, in)`` matrix.
+
+    ``forward(x, plan, weighted)`` returns ``(T, S, out)`` per-slot outputs ``x Delta_e^T`` (``x`` of shape ``(T, in)``
+    shared by a token's slots, or ``(T, S, in)``), or with ``weighted=True`` the router-weighted sum over slots
+    ``(T, out)``. Kinds with ``replaces_base`` hold whole expert weights (vanilla upcycling) instead of changes.
+    """
+
+    kind: ClassVar[str] = ""
+    replaces_base: ClassVar[bool] = False
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.out_features = out_features
+        self.in_features = in_features
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool = False) -> torch.Tensor:
+        dtype = x.dtype
+        out = self._apply(x.to(self.param_dtype), plan, weighted)
+        if self.scale != 1.0:
+            out = out * self.scale
+        return out.to(dtype)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _apply(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def materialize(self) -> torch.Tensor:
+        """Dense ``(E, out, in)`` tensor of every expert's (scaled) delta: for references, merging and export."""
+        raise NotImplementedError
+
+    def synthesize(self, base_weight: torch.Tensor | None) -> torch.Tensor:
+        """Every expert's full weight ``W_base + Delta_e`` as ``(E, out, in)``."""
+        dense = self.materialize()
+        if self.replaces_base or base_weight is None:
+            return dense
+        return base_weight.unsqueeze(0).to(dense.dtype) + dense
+
+    def num_added_params(self) -> int:
+        """Parameters counted as "added" by the paper (sparse: values only)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def num_index_elements(self) -> int:
+        """Stored integer index entries (not counted as parameters)."""
+        return 0
+
+
+class LowRankDelta(Delta):
+    """``Delta_e = B_e A_e`` (DeRS-LM): A random, B zero. All experts' factors are stacked so one matmul with
+    ``A_all`` serves every expert and a block mask selects each slot's expert before one matmul with ``B_all``."""
+
+    kind = "lowrank"
+
+    def __init__(self, num_experts, out_features, in_features, rank: int, scale: float = 1.0, generator=None, **fk):
+        super().__init__(num_experts, out_features, in_features, scale)
+        self.rank = rank
+        self.lora_a = _Factor(torch.empty(num_experts * rank, in_features, **fk))
+        self.lora_b = _Factor(torch.zeros(out_features, num_experts * rank, **fk))
+        if self.lora_a.weight.device.type != "meta":
+            bound = 1.0 / math.sqrt(in_features)
+            a = torch.rand(self.lora_a.weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+            with torch.no_grad():
+                self.lora_a.weight.copy_(a)
+
+    def _apply(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+        E, r = self.num_experts, self.rank
+        z = x @ self.lora_a.weight.t()  # (T, E*r) or (T, S, E*r)
+        T, S = plan.expert_idx.shape
+        if x.dim() == 2:
+            z = z.view(T, 1, E, r)
+        else:
+            z = z.view(T, S, E, r)
+        if weighted:
+            mask = plan.one_hot(z.dtype) * plan.weights.to(z.dtype).unsqueeze(-1)  # (T, S, E)
+            mixed = (z * mask.unsqueeze(-1)).sum(dim=1) if x.dim() == 3 else z[:, 0] * mask.sum(1).unsqueeze(-1)
+            return mixed.reshape(T, E * r) @ self.lora_b.weight.t()
+        masked = z * plan.one_hot(z.dtype).unsqueeze(-1)  # (T, S, E, r)
+        return masked.reshape(T, S, E * r) @ self.lora_b.weight.t()
+
+    def materialize(self) -> torch.Tensor:
+        E, r = self.num_experts, self.rank
+        b = self.lora_b.weight.view(self.out_features, E, r).permute(1, 0, 2)
+        a = self.lora_a.weight.view(E, r, self.in_features)
+        return torch.bmm(b, a) * self.scale
+
+
+class SparseDelta(Delta):
+    """``Delta_e = scatter(I_e, V_e)`` (DeRS-SM): per expert, fixed unique random flat indices (int32 buffer, saved
+    with the adapter) and trainable values (zero at creation).
+
+    Below ``gather_density`` the forward gathers the needed input columns and adds into the touched output rows;
+    denser deltas are scattered into a dense per-expert delta and applied with one matmul per expert (cheaper there).
+    """
+
+    kind = "sparse"
+    gather_density: ClassVar[float] = 0.02
+
+    def __init__(
+        self, num_experts, out_features, in_features, sparse_rate: float, scale: float = 1.0, generator=None, **fk
+    ):
+        super().__init__(num_experts, out_features, in_features, scale)
+        numel = out_features * in_features
+        self.nnz = max(1, round(numel * (1.0 - sparse_rate)))
+        device = fk.get("device")
+        self.weight = nn.Parameter(torch.zeros(num_experts, self.nnz, **fk))
+        idx = torch.empty(num_experts, self.nnz, dtype=torch.int32, device=device)
+        if idx.device.type != "meta":
+            for e in range(num_experts):
+                pick = torch.randperm(numel, generator=generator)[: self.nnz]
+                idx[e] = pick.sort().values.to(torch.int32)
+        self.register_buffer("indices", idx)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.out_features * self.in_features)
+
+    def _apply(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+        if self.density > self.gather_density:
+            dense = self._dense()
+            out = grouped_apply(x, plan, lambda e, rows: rows @ dense[e].t(), self.out_features)
+        else:
+            out = grouped_apply(x, plan, self._gather_one, self.out_features)
+        return _weighted_sum(out, plan) if weighted else out
+
+    def _gather_one(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        idx = self.indices[e].long()
+        out_rows, in_cols = idx // self.in_features, idx % self.in_features
+        contrib = rows.index_select(1, in_cols) * self.weight[e]
+        return rows.new_zeros(rows.shape[0], self.out_features).index_add(1, out_rows, contrib)
+
+    def _dense(self) -> torch.Tensor:
+        flat = self.weight.new_zeros(self.num_experts, self.out_features * self.in_features)
+        flat = flat.scatter(1, self.indices.long(), self.weight)
+        return flat.view(self.num_experts, self.out_features, self.in_features)
+
+    def materialize(self) -> torch.Tensor:
+        return self._dense() * self.scale
+
+    def num_index_elements(self) -> int:
+        return self.indices.numel()
+
+
+class FullDelta(Delta):
+    """Whole expert weights ``W_e`` (vanilla upcycling): every expert starts as a copy of the dense matrix."""
+
+    kind = "full"
+    replaces_base = True
+
+    def __init__(self, num_experts, out_features, in_features, init_weight: torch.Tensor | None = None, **fk):
+        super().__init__(num_experts, out_features, in_features, 1.0)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **fk))
+        if init_weight is not None and self.weight.device.type != "meta":
+            with torch.no_grad():
+                self.weight.copy_(init_weight.unsqueeze(0).expand_as(self.weight))
+
+    def _apply(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+        out = grouped_apply(x, plan, lambda e, rows: rows @ self.weight[e].t(), self.out_features)
+        return _weighted_sum(out, plan) if weighted else out
+
+    def materialize(self) -> torch.Tensor:
+        return self.weight
+
+    def num_added_params(self) -> int:
+        # the first copy stands in for the dense matrix; the others are added (paper's counting)
+        return (self.num_experts - 1) * self.out_features * self.in_features
+
+
+class _Factor(nn.Module):
+    """Leaf module holding one trainable factor as ``.weight`` (FSDP-friendly)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+DELTA_CLASSES: dict[str, type[Delta]] = {cls.kind: cls for cls in (LowRankDelta, SparseDelta, FullDelta)}
