@@ -27,7 +27,7 @@ class DeRSConfig(PeftConfig):
     Args:
         target_modules: names (or a regex) of the FFN blocks to upcycle, e.g. ``["mlp"]``. ``None`` picks the
             default for the architecture (see ``ders_peft.ffn.DEFAULT_TARGET_MODULES``). A matched module must be a
-            whole FFN block of a supported layout (SwiGLU, fused SwiGLU, two-layer MLP); a single projection is refused.
+            whole FFN block of a supported layout (SwiGLU, fused SwiGLU, two-layer MLP); a lone projection is refused.
         num_experts: number of routed experts N (>= 1).
         top_k: experts chosen per token (1 <= top_k <= num_experts).
         delta_type: ``"lowrank"`` (Delta_i = B_i A_i, DeRS-LM), ``"sparse"`` (fixed random indices with trainable

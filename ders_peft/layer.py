@@ -133,12 +133,14 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         if config.delta_type == "lowrank":
             if config.rank > min(out_f, in_f):
                 raise ValueError(
-                    f"DeRSConfig.rank={config.rank} is invalid: it must be at most {min(out_f, in_f)}, the smaller side "
-                    f"of the {out_f}x{in_f} matrix {name!r}."
+                    f"DeRSConfig.rank={config.rank} is invalid: it must be at most {min(out_f, in_f)}, "
+                    f"the smaller side of the {out_f}x{in_f} matrix {name!r}."
                 )
             return cls(num, out_f, in_f, rank=config.rank, scale=config.delta_scale, generator=gen, **factory)
         if config.delta_type == "sparse":
-            return cls(num, out_f, in_f, sparse_rate=config.sparse_rate, scale=config.delta_scale, generator=gen, **factory)
+            return cls(
+                num, out_f, in_f, sparse_rate=config.sparse_rate, scale=config.delta_scale, generator=gen, **factory
+            )
         return cls(num, out_f, in_f, init_weight=weight, **factory)
 
     # ------------------------------------------------------------------ helpers
@@ -267,9 +269,7 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
                         with torch.no_grad():
                             proj.bias.copy_(biases[name][0])
             else:
-                self._merged_experts[adapter] = {
-                    name: _frozen_full(w) for name, w in weights.items()
-                }
+                self._merged_experts[adapter] = {name: _frozen_full(w) for name, w in weights.items()}
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -297,9 +297,10 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         if adapter is None:
             return self.base_layer
         if not self._is_dense_mergeable(adapter):
+            cfg = self.ders_settings[adapter]
             raise ValueError(
-                f"merge_and_unload() cannot fold a routed Mixture-of-Experts (num_experts="
-                f"{self.ders_settings[adapter].num_experts}, shared_expert={self.ders_settings[adapter].shared_expert}) "
+                f"merge_and_unload() cannot fold a routed Mixture-of-Experts (num_experts={cfg.num_experts}, "
+                f"shared_expert={cfg.shared_expert}) "
                 "into one dense FFN: the activation between the projections is not linear, so the result would be "
                 "wrong. Use ders_peft.export_moe(model, out_dir) to get a standard transformers MoE checkpoint, or "
                 "merge_adapter() to materialise the experts in place."

@@ -67,7 +67,9 @@ class ParameterReport:
         }
 
     def __str__(self) -> str:
-        head = f"{'layer':<48}{'router':>10}{'deltas':>12}{'biases+':>10}{'added':>12}{'idx bytes':>12}{'trainable':>12}"
+        head = (
+            f"{'layer':<48}{'router':>10}{'deltas':>12}{'biases+':>10}{'added':>12}{'idx bytes':>12}{'trainable':>12}"
+        )
         rows = [f"DeRS parameter report (adapter {self.adapter!r})", head, "-" * len(head)]
         for r in self.layers:
             rows.append(
@@ -90,7 +92,9 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None, verbose:
     """Count what DeRS adds to ``model`` (a PeftModel or any module holding DeRS layers)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DeRSLayer)}
     if not layers:
-        raise ValueError("parameter_report: the model has no DeRS layers (call get_peft_model with a DeRSConfig first).")
+        raise ValueError(
+            "parameter_report: the model has no DeRS layers (call get_peft_model with a DeRSConfig first)."
+        )
     if adapter_name is None:
         adapter_name = next(iter(layers.values())).active_adapters[0]
     adapter_ids = set()
@@ -100,7 +104,7 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None, verbose:
             continue
         for container in layer.adapter_layer_names:
             holder = getattr(layer, container)
-            for key, sub in holder.items():
+            for sub in holder.values():
                 adapter_ids.update(id(p) for p in sub.parameters())
         router = layer.ders_router[adapter_name].weight.numel()
         deltas = layer.ders_delta[adapter_name]
@@ -119,8 +123,13 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None, verbose:
         )
         rows.append(
             LayerReport(
-                name, router, sum(d.num_added_params() for d in deltas.values()), extra_bias, index_entries,
-                index_bytes, trainable,
+                name,
+                router,
+                sum(d.num_added_params() for d in deltas.values()),
+                extra_bias,
+                index_entries,
+                index_bytes,
+                trainable,
             )
         )
     all_params = {id(p): p for p in model.parameters()}
