@@ -19,9 +19,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 2, "head_dim": 8}),
     "phi": ("PhiConfig", "PhiForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
-    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {"num_key_value_heads": 4}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {"eos_token_id": 2}),
 }
 
 
