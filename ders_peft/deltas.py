@@ -61,7 +61,7 @@ class Delta(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool = False) -> torch.Tensor:
         dtype = x.dtype
-        out = self._apply(x.to(self.param_dtype), plan, weighted)
+        out = self._apply_slots(x.to(self.param_dtype), plan, weighted)
         if self.scale != 1.0:
             out = out * self.scale
         return out.to(dtype)
@@ -70,7 +70,7 @@ class Delta(nn.Module):
     def param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def _apply(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+    def _apply_slots(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
         raise NotImplementedError
 
     def materialize(self) -> torch.Tensor:
@@ -110,7 +110,7 @@ class LowRankDelta(Delta):
             with torch.no_grad():
                 self.lora_a.weight.copy_(a)
 
-    def _apply(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+    def _apply_slots(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
         E, r = self.num_experts, self.rank
         z = x @ self.lora_a.weight.t()  # (T, E*r) or (T, S, E*r)
         T, S = plan.expert_idx.shape
@@ -162,7 +162,7 @@ class SparseDelta(Delta):
     def density(self) -> float:
         return self.nnz / (self.out_features * self.in_features)
 
-    def _apply(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+    def _apply_slots(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
         if self.density > self.gather_density:
             dense = self._dense()
             out = grouped_apply(x, plan, lambda e, rows: rows @ dense[e].t(), self.out_features)
@@ -201,7 +201,7 @@ class FullDelta(Delta):
             with torch.no_grad():
                 self.weight.copy_(init_weight.unsqueeze(0).expand_as(self.weight))
 
-    def _apply(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+    def _apply_slots(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
         out = grouped_apply(x, plan, lambda e, rows: rows @ self.weight[e].t(), self.out_features)
         return _weighted_sum(out, plan) if weighted else out
 
