@@ -1,0 +1,548 @@
+"""Export a DeRS-upcycled model as a standard transformers Mixture-of-Experts checkpoint.
+
+Each routed expert's weights are synthesised as ``W_base + Delta_e`` (in fp32, then cast to the model's dtype), the
+router is copied, and every non-FFN weight is carried over, so engines that only know standard architectures
+(vLLM, SGLang, llama.cpp, TGI) can serve the trained model. A target is offered only where the mapping is exact; any
+other combination is refused with a ``ValueError`` naming the reason, before anything is written.
+
+Supported (source ``model_type``, options) -> target, see ``README.md`` for the full matrix:
+
+- llama / mistral, every block upcycled, no universal FFN, ``normalize_top_k=True`` -> ``mixtral``
+- llama / mistral / qwen2, any subset of blocks, with or without the universal FFN -> ``qwen2_moe`` (dense blocks
+  become ``mlp_only_layers``; the universal FFN becomes the shared expert behind a zero gate, sigmoid(0) = 0.5, and
+  the routed half's 0.5 is folded into the experts' down projections; Llama gets zero q/k/v biases)
+- qwen3, any subset of blocks, no universal FFN -> ``qwen3_moe``
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import ffn
+from .config import DeRSConfig
+from .layer import DeRSLayer
+from .routing import SHARED_EXPERT_MIX
+
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+# source model_type -> targets it can map to exactly, in order of preference (the first is the default)
+SOURCE_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("mixtral", "qwen2_moe"),
+    "mistral": ("mixtral", "qwen2_moe"),
+    "qwen2": ("qwen2_moe",),
+    "qwen3": ("qwen3_moe",),
+}
+
+_REFUSED_SOURCES = {
+    "gemma": "Gemma scales embeddings and uses (1 + weight) RMSNorm; no standard MoE architecture does both",
+    "olmo": "OLMo uses a non-parametric LayerNorm; OLMoE uses RMSNorm and q/k norms",
+    "olmo2": "OLMo-2 normalises after attention/FFN (post-norm); OLMoE is pre-norm",
+    "phi3": "PhiMoE uses LayerNorm, attention biases and sparsemixer routing; Phi-3 uses RMSNorm and no biases",
+    "phi": "Phi has parallel attention/FFN blocks and GELU MLPs; no standard MoE architecture matches",
+}
+
+_BLOCK_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
+
+_TARGET_CLASSES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+}
+
+
+@dataclass
+class ExportPlan:
+    """Everything decided before any weight is built: the target, its config and the upcycled blocks."""
+
+    architecture: str
+    source_type: str
+    adapter: str
+    settings: DeRSConfig
+    layers: dict[int, DeRSLayer]
+    target_config: object
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``PeftModel`` / ``DeRSModel`` (or ``model`` itself)."""
+    from peft import PeftModel
+
+    from .model import DeRSModel
+
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, DeRSModel):
+        model = model.model
+    return model
+
+
+def _refuse(reason: str) -> ValueError:
+    return ValueError(f"No exact standard MoE target for this DeRS model: {reason}.")
+
+
+def _collect_layers(root: nn.Module) -> tuple[dict[int, DeRSLayer], str, DeRSConfig]:
+    layers: dict[int, DeRSLayer] = {}
+    adapters = set()
+    for name, module in root.named_modules():
+        if not isinstance(module, DeRSLayer):
+            continue
+        match = _BLOCK_KEY.search(name)
+        if match is None:
+            raise _refuse(
+                f"the DeRS layer {name!r} is not a decoder block's FFN ('model.layers.<i>.mlp'); standard MoE "
+                "architectures only route whole FFN blocks"
+            )
+        if module.disable_adapters:
+            raise _refuse(f"the adapter of {name!r} is disabled; enable it (or export the dense model instead)")
+        adapter = module._single_active()
+        if adapter is None:
+            raise _refuse(f"{name!r} has no active DeRS adapter")
+        layers[int(match.group(1))] = module
+        adapters.add(adapter)
+    if not layers:
+        raise ValueError("export_moe() needs a model with DeRS layers (get_peft_model(model, DeRSConfig(...))).")
+    if len(adapters) > 1:
+        raise _refuse(f"different blocks use different active adapters {sorted(adapters)}; activate one")
+    adapter = adapters.pop()
+    return layers, adapter, next(iter(layers.values())).ders_settings[adapter]
+
+
+def _check_layers(layers: dict[int, DeRSLayer], adapter: str) -> None:
+    for idx, layer in layers.items():
+        if layer.layout.name != "swiglu":
+            raise _refuse(
+                f"block {idx} has an FFN of layout {layer.layout.name!r}; the MoE targets use SwiGLU experts "
+                "(gate_proj/up_proj/down_proj)"
+            )
+        if any(b is not None for b in layer.expert_biases(adapter).values()):
+            raise _refuse(f"block {idx}'s FFN has biases (mlp_bias=True); the targets' experts have no biases")
+
+
+def _check_attention(src, arch: str, source_type: str) -> None:
+    if getattr(src, "attention_bias", False) and arch != "qwen3_moe":
+        raise _refuse(
+            f"{source_type} attention_bias=True puts a bias on o_proj, which {arch} attention does not have "
+            f"(allowed: attention_bias=False)"
+        )
+    if getattr(src, "mlp_bias", False):
+        raise _refuse("mlp_bias=True: the targets' experts have no biases (allowed: mlp_bias=False)")
+    if getattr(src, "pretraining_tp", 1) not in (None, 1):
+        raise _refuse(f"pretraining_tp={src.pretraining_tp} (allowed: 1)")
+    if getattr(src, "attention_dropout", 0.0):
+        raise _refuse(f"attention_dropout={src.attention_dropout} (allowed: 0.0)")
+
+
+def _common_config(src, cfg: DeRSConfig, inter: int, dtype: torch.dtype) -> dict:
+    head_dim = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
+    out = {
+        "vocab_size": src.vocab_size,
+        "hidden_size": src.hidden_size,
+        "intermediate_size": inter,
+        "num_hidden_layers": src.num_hidden_layers,
+        "num_attention_heads": src.num_attention_heads,
+        "num_key_value_heads": src.num_key_value_heads,
+        "head_dim": head_dim,
+        "hidden_act": src.hidden_act,
+        "max_position_embeddings": src.max_position_embeddings,
+        "initializer_range": src.initializer_range,
+        "rms_norm_eps": src.rms_norm_eps,
+        "tie_word_embeddings": bool(getattr(src, "tie_word_embeddings", False)),
+        "rope_parameters": copy.deepcopy(src.rope_parameters),
+        "attention_dropout": 0.0,
+        "num_experts_per_tok": cfg.top_k,
+        "bos_token_id": src.bos_token_id,
+        "eos_token_id": src.eos_token_id,
+        "pad_token_id": src.pad_token_id,
+        "use_cache": True,
+        "dtype": dtype,
+    }
+    return out
+
+
+def _layer_types(src, source_type: str) -> list[str]:
+    """Per-block attention type of the source (``full_attention`` / ``sliding_attention``)."""
+    if getattr(src, "layer_types", None) is not None:
+        return list(src.layer_types)
+    sliding = getattr(src, "sliding_window", None) if source_type == "mistral" else None
+    return ["sliding_attention" if sliding else "full_attention"] * src.num_hidden_layers
+
+
+def _target_config(src, arch: str, source_type: str, cfg: DeRSConfig, layers: dict[int, DeRSLayer], dtype):
+    import transformers
+
+    first = next(iter(layers.values()))
+    inter = ffn.intermediate_size(first.base_layer, first.layout)
+    kw = _common_config(src, cfg, inter, dtype)
+    dense_blocks = sorted(set(range(src.num_hidden_layers)) - set(layers))
+    types = _layer_types(src, source_type)
+    sliding = getattr(src, "sliding_window", None)
+    if arch == "mixtral":
+        if dense_blocks:
+            raise _refuse(
+                f"blocks {dense_blocks} are not upcycled, but every Mixtral block is MoE "
+                "(upcycle all blocks, or use architecture='qwen2_moe', which keeps dense blocks)"
+            )
+        if cfg.shared_expert:
+            raise _refuse("shared_expert=True: Mixtral has no shared/universal expert (use architecture='qwen2_moe')")
+        if not cfg.normalize_top_k:
+            raise _refuse(
+                "normalize_top_k=False: Mixtral always renormalises the top-k router weights "
+                "(use normalize_top_k=True, or architecture='qwen2_moe', which has norm_topk_prob)"
+            )
+        if source_type == "mistral" and sliding is not None and set(types) != {"sliding_attention"}:
+            raise _refuse("the source mixes sliding and full attention blocks; Mixtral applies one window to all")
+        kw.update(num_local_experts=cfg.num_experts, sliding_window=sliding if "sliding_attention" in types else None)
+        return transformers.MixtralConfig(**kw)
+    if arch == "qwen2_moe":
+        kw.update(
+            num_experts=cfg.num_experts,
+            norm_topk_prob=cfg.normalize_top_k,
+            moe_intermediate_size=inter,
+            # without a universal FFN the (mandatory) shared expert is one zero unit: it adds exactly 0
+            shared_expert_intermediate_size=inter if cfg.shared_expert else 1,
+            decoder_sparse_step=1,
+            mlp_only_layers=dense_blocks,
+            qkv_bias=True,
+            layer_types=types,
+            use_sliding_window="sliding_attention" in types,
+            sliding_window=sliding if "sliding_attention" in types else None,
+            max_window_layers=getattr(src, "max_window_layers", src.num_hidden_layers),
+        )
+        return transformers.Qwen2MoeConfig(**kw)
+    # qwen3_moe
+    if cfg.shared_expert:
+        raise _refuse("shared_expert=True: Qwen3-MoE has no shared/universal expert (train with shared_expert=False)")
+    if len(set(types)) > 1:
+        raise _refuse(
+            f"the source mixes attention types {sorted(set(types))}; Qwen3-MoE applies one sliding window to every "
+            "block"
+        )
+    use_sw = types[0] == "sliding_attention"
+    kw.update(
+        num_experts=cfg.num_experts,
+        norm_topk_prob=cfg.normalize_top_k,
+        moe_intermediate_size=inter,
+        decoder_sparse_step=1,
+        mlp_only_layers=dense_blocks,
+        attention_bias=bool(getattr(src, "attention_bias", False)),
+        use_sliding_window=use_sw,
+        sliding_window=sliding if use_sw else None,
+    )
+    return transformers.Qwen3MoeConfig(**kw)
+
+
+def plan_export(model: nn.Module, architecture: str | None = None) -> ExportPlan:
+    """Check that ``model`` maps exactly onto ``architecture`` (or pick the default target) and build its config.
+
+    Raises ``ValueError`` naming the reason when no exact mapping exists.
+    """
+    if architecture is not None and architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r} is invalid: allowed values are {ARCHITECTURES} or None.")
+    root = _unwrap(model)
+    src = getattr(root, "config", None)
+    source_type = getattr(src, "model_type", None)
+    if source_type in _REFUSED_SOURCES:
+        raise _refuse(f"source model_type={source_type!r}: {_REFUSED_SOURCES[source_type]}")
+    if source_type not in SOURCE_TARGETS:
+        raise _refuse(
+            f"source model_type={source_type!r} has no exact MoE target; supported: {sorted(SOURCE_TARGETS)}"
+        )
+    if not type(root).__name__.endswith("ForCausalLM"):
+        raise _refuse(f"the model is a {type(root).__name__}; export needs a *ForCausalLM model")
+    allowed = SOURCE_TARGETS[source_type]
+    layers, adapter, cfg = _collect_layers(root)
+    if architecture is None:
+        # prefer the first target that can express the options
+        architecture = allowed[0]
+        if architecture == "mixtral" and (
+            cfg.shared_expert or not cfg.normalize_top_k or len(layers) != src.num_hidden_layers
+        ):
+            architecture = "qwen2_moe"
+    if architecture not in allowed:
+        raise _refuse(
+            f"a {source_type!r} model cannot become {architecture!r} exactly (attention/normalisation differ); "
+            f"allowed targets for {source_type!r}: {allowed}"
+        )
+    _check_layers(layers, adapter)
+    _check_attention(src, architecture, source_type)
+    dtype = root.get_input_embeddings().weight.dtype
+    target_config = _target_config(src, architecture, source_type, cfg, layers, dtype)
+    return ExportPlan(architecture, source_type, adapter, cfg, dict(sorted(layers.items())), target_config, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------- weights
+def _plain_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Persistent tensors of ``module`` as a plain transformers model would name them, skipping DeRS layers and
+    resolving peft ``modules_to_save`` wrappers to their active copy."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    if isinstance(module, DeRSLayer):
+        return {}
+    if isinstance(module, ModulesToSaveWrapper):
+        active = [a for a in module.active_adapters if a in module.modules_to_save]
+        chosen = module.original_module if module.disable_adapters or not active else module.modules_to_save[active[0]]
+        return _plain_state(chosen, prefix)
+    if isinstance(module, AuxiliaryTrainingWrapper | BaseTunerLayer):
+        raise _refuse(f"{prefix.rstrip('.') or 'the model'} carries another PEFT module ({type(module).__name__})")
+    out = {prefix + n: p for n, p in module.named_parameters(recurse=False)}
+    skip = getattr(module, "_non_persistent_buffers_set", set())
+    out.update({prefix + n: b for n, b in module.named_buffers(recurse=False) if n not in skip})
+    for name, child in module.named_children():
+        out.update(_plain_state(child, f"{prefix}{name}."))
+    return out
+
+
+def expert_tensors(layer: DeRSLayer, adapter: str, shared_as_expert: bool) -> dict[str, torch.Tensor]:
+    """The fp32 tensors of one MoE block in transformers' in-memory layout.
+
+    ``gate`` (N, H) router; ``gate_up_proj`` (N, 2I, H) with gate rows first; ``down_proj`` (N, H, I). With a
+    universal FFN (``shared_as_expert``) the routed down projections carry the 0.5 mixing weight and the universal
+    expert comes back as ``shared_gate_proj``/``shared_up_proj``/``shared_down_proj`` (to sit behind a zero sigmoid
+    gate, which supplies the other 0.5).
+    """
+    cfg = layer.ders_settings[adapter]
+    n = cfg.num_experts
+    with torch.no_grad():
+        weights = {name: w.float() for name, w in layer.expert_weights(adapter).items()}
+        gate, up, down = weights["gate_proj"], weights["up_proj"], weights["down_proj"]
+        out = {"gate": layer.ders_router[adapter].weight.detach().float().clone()}
+        out["gate_up_proj"] = torch.cat([gate[:n], up[:n]], dim=1)
+        routed_down = down[:n]
+        if cfg.shared_expert:
+            if not shared_as_expert:
+                raise _refuse("the target has no shared expert for the universal FFN")
+            routed_down = routed_down * SHARED_EXPERT_MIX
+            out["shared_gate_proj"], out["shared_up_proj"], out["shared_down_proj"] = gate[n], up[n], down[n]
+        out["down_proj"] = routed_down.contiguous()
+    return out
+
+
+def _moe_block_state(plan: ExportPlan, idx: int, prefix: str) -> dict[str, torch.Tensor]:
+    layer = plan.layers[idx]
+    t = expert_tensors(layer, plan.adapter, shared_as_expert=plan.architecture == "qwen2_moe")
+    out = {
+        f"{prefix}gate.weight": t["gate"],
+        f"{prefix}experts.gate_up_proj": t["gate_up_proj"],
+        f"{prefix}experts.down_proj": t["down_proj"],
+    }
+    if plan.architecture == "qwen2_moe":
+        hidden = t["gate"].shape[1]
+        out[f"{prefix}shared_expert_gate.weight"] = torch.zeros(1, hidden)  # sigmoid(0) = 0.5
+        if plan.settings.shared_expert:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{prefix}shared_expert.{proj}.weight"] = t[f"shared_{proj}"]
+        else:
+            out[f"{prefix}shared_expert.gate_proj.weight"] = torch.zeros(1, hidden)
+            out[f"{prefix}shared_expert.up_proj.weight"] = torch.zeros(1, hidden)
+            out[f"{prefix}shared_expert.down_proj.weight"] = torch.zeros(hidden, 1)
+    return out
+
+
+def _with_layers_unmerged(layers: dict[int, DeRSLayer]):
+    """Context manager: temporarily unmerge merged layers (a dense merge overwrites the frozen base weights)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def ctx():
+        merged = {i: list(layer.merged_adapters) for i, layer in layers.items() if layer.merged}
+        for i in merged:
+            layers[i].unmerge()
+        try:
+            yield
+        finally:
+            for i, names in merged.items():
+                layers[i].merge(adapter_names=names)
+
+    return ctx()
+
+
+def convert_to_moe(model: nn.Module, architecture: str | None = None) -> nn.Module:
+    """Build the standard transformers MoE model equivalent to the DeRS ``model`` (in memory, eval mode).
+
+    ``model`` is a ``PeftModel``/``DeRSModel`` or a transformers model carrying DeRS layers; it is not modified.
+    The result needs no ``ders_peft`` to run or to load after ``save_pretrained``.
+    """
+    return _convert(model, plan_export(model, architecture))
+
+
+def _convert(model: nn.Module, plan: ExportPlan) -> nn.Module:
+    import transformers
+    from accelerate import init_empty_weights
+
+    root = _unwrap(model)
+    state = {k: v.detach() for k, v in _plain_state(root).items()}
+    with _with_layers_unmerged(plan.layers):
+        for idx in plan.layers:
+            state.update(_moe_block_state(plan, idx, f"model.layers.{idx}.mlp."))
+
+    cls = getattr(transformers, _TARGET_CLASSES[plan.architecture][1])
+    with init_empty_weights(include_buffers=False):
+        target = cls(plan.target_config)
+    expected = target.state_dict()
+    missing = [k for k in expected if k not in state]
+    for key in missing:
+        if re.search(r"self_attn\.[qkv]_proj\.bias$", key) and plan.architecture == "qwen2_moe":
+            state[key] = torch.zeros(expected[key].shape)  # Llama/Mistral have no q/k/v biases: zero is exact
+        else:
+            raise _refuse(f"the target's {key!r} has no source tensor")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise _refuse(f"source tensors {unexpected[:5]} have no place in {plan.architecture}")
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise _refuse(f"{key!r} has shape {tuple(state[key].shape)}, the target expects {tuple(ref.shape)}")
+    state = {k: v.to(plan.dtype).clone().contiguous() for k, v in state.items()}
+    target.load_state_dict(state, strict=True, assign=True)
+    if plan.target_config.tie_word_embeddings:
+        target.tie_weights()
+    gen_cfg = getattr(root, "generation_config", None)
+    if gen_cfg is not None:
+        target.generation_config = copy.deepcopy(gen_cfg)
+    target.config.ders_export = {"source_model_type": plan.source_type, "num_experts": plan.settings.num_experts}
+    return target.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+def model_card(plan: ExportPlan, base_model: str | None, max_abs_logit_diff: float | None = None) -> str:
+    """README.md for an exported checkpoint: base model, method and DeRS settings."""
+    cfg = plan.settings
+    upcycled = list(plan.layers)
+    lines = ["---", "library_name: transformers"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    lines += ["tags:", "- mixture-of-experts", "- ders", "- upcycling", f"- {plan.architecture}", "---", ""]
+    lines += [
+        f"# {plan.architecture} export of a DeRS-upcycled model",
+        "",
+        "Mixture-of-Experts model upcycled from a dense model with DeRS (arXiv 2503.01359) using `ders_peft`, then "
+        f"exported as a standard `{_TARGET_CLASSES[plan.architecture][1]}`: each expert's weights"
+        " are the synthesised `W_base + Delta_i`, the router and every non-FFN weight are carried over. "
+        "Loading it needs only `transformers` (no `ders_peft`).",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | {base_model or 'unknown'} |",
+        f"| source architecture | {plan.source_type} |",
+        "| method | DeRS (shared base + per-expert deltas) |",
+        f"| delta type | {cfg.delta_type} |",
+        f"| num_experts (N) | {cfg.num_experts} |",
+        f"| top_k | {cfg.top_k} |",
+        f"| renormalised top-k weights | {cfg.normalize_top_k} |",
+        f"| universal (shared) FFN | {cfg.shared_expert} |",
+        f"| upcycled blocks | {upcycled} |",
+        f"| dense blocks | {sorted(set(range(plan.target_config.num_hidden_layers)) - set(upcycled))} |",
+    ]
+    if cfg.delta_type == "lowrank":
+        lines.append(f"| rank | {cfg.rank} |")
+    if cfg.delta_type == "sparse":
+        lines.append(f"| sparse_rate | {cfg.sparse_rate} |")
+    lines.append(f"| dtype | {str(plan.dtype).replace('torch.', '')} |")
+    if max_abs_logit_diff is not None:
+        lines.append(f"| max abs logit difference vs the DeRS model (check at export) | {max_abs_logit_diff:.2e} |")
+    if plan.architecture == "qwen2_moe":
+        lines += [
+            "",
+            "Mapping notes: blocks that were not upcycled are `mlp_only_layers`. "
+            + (
+                "The universal FFN is the shared expert behind a zero `shared_expert_gate` (sigmoid(0) = 0.5); the "
+                "routed experts' down projections carry the other 0.5."
+                if cfg.shared_expert
+                else "There was no universal FFN: the shared expert is a single zero unit and adds exactly 0."
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _verify(model: nn.Module, target: nn.Module, vocab: int) -> float:
+    """Max |logit difference| between the DeRS model and the export on a few random tokens."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 8), generator=gen)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want = model(input_ids=ids).logits.float()
+            got = target(input_ids=ids).logits.float()
+    finally:
+        model.train(was_training)
+    return float((want - got).abs().max())
+
+
+def export_moe(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    architecture: str | None = None,
+    *,
+    tokenizer=None,
+    base_model: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write the DeRS ``model`` as a standard transformers MoE checkpoint (safetensors) plus a model card.
+
+    ``architecture``: one of ``ARCHITECTURES`` or ``None`` to pick the first exact target for the source. Refused
+    configurations raise ``ValueError`` before anything is written. The checkpoint is written to a temporary directory
+    next to ``out_dir`` and moved into place only on success, so a failed export never leaves a half-written or
+    replaced checkpoint. With ``verify`` an fp32 model's export is checked against the DeRS model on random tokens.
+    Returns the output path.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").exists())):
+        raise ValueError(
+            f"out_dir={str(out)!r} exists and is not an (empty or model checkpoint) directory; refusing to replace it."
+        )
+    try:
+        plan = plan_export(model, architecture)
+        target = _convert(model, plan)
+    except ValueError as err:
+        raise ValueError(f"{err} Nothing was written to {str(out)!r}.") from err
+    diff = None
+    if verify:
+        diff = _verify(model, target, plan.target_config.vocab_size)
+        if plan.dtype == torch.float32 and diff > 1e-3:
+            raise RuntimeError(
+                f"export check failed: logits differ by {diff:.3e} from the DeRS model; nothing written"
+            )
+    if base_model is None:
+        root = _unwrap(model)
+        base_model = getattr(root.config, "_name_or_path", None) or getattr(root, "name_or_path", None) or None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        target.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(plan, base_model, diff), encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is set aside first and removed only after the move."""
+    backup = None
+    if dst.exists():
+        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, backup)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, dst)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
