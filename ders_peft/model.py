@@ -100,5 +100,25 @@ class DeRSModel(BaseTuner):
         """Mean router losses recorded since the last call (for logging)."""
         return self.runtime.pop_means()
 
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        """num_experts=1: the dense model with the synthesised weights folded in. A routed MoE: the equivalent standard
+        transformers MoE model (Mixtral / Qwen2-MoE / Qwen3-MoE, see :func:`ders_peft.export.convert_to_moe`), or a
+        ``ValueError`` naming why no exact target exists."""
+        layers = list(self.ders_layers().values())
+        active = {layer._single_active() for layer in layers} - {None}
+        if any(not layer._is_dense_mergeable(a) for layer in layers for a in active if a in layer.ders_settings):
+            from .export import convert_to_moe
+
+            if adapter_names is not None and set(adapter_names) != active:
+                raise ValueError(
+                    f"adapter_names={adapter_names!r} is invalid: a routed MoE exports its active adapter "
+                    f"{sorted(active)}."
+                )
+            moe = convert_to_moe(self)
+            if safe_merge and not all(torch.isfinite(p).all() for p in moe.parameters()):
+                raise ValueError("NaNs detected in the exported MoE weights; not merging.")
+            return moe
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
     def ders_layers(self) -> dict[str, DeRSLayer]:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, DeRSLayer)}
