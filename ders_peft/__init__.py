@@ -7,6 +7,7 @@ losses and scales them under gradient accumulation.
 
 from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, SparseDelta
+from .export import convert_to_moe, export_moe
 from .layer import DeRSLayer
 from .model import DeRSModel
 from .registration import PEFT_TYPE_DERS, register
@@ -30,5 +31,7 @@ __all__ = [
     "LowRankDelta",
     "ParameterReport",
     "SparseDelta",
+    "convert_to_moe",
+    "export_moe",
     "parameter_report",
 ]
