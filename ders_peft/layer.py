@@ -23,13 +23,15 @@ class RouterRuntime:
 
     attention_mask: torch.Tensor | None = None
     aux_grad_scale: float = 1.0
-    stats: dict[str, list[float]] = field(default_factory=dict)
+    stats: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def record(self, name: str, value: torch.Tensor) -> None:
-        self.stats.setdefault(name, []).append(float(value.detach()))
+        """Add ``value`` to the running sum of ``name`` (kept on device: no host sync per layer call)."""
+        total, count = self.stats.get(name, (0.0, 0))
+        self.stats[name] = (total + value.detach().float(), count + 1)
 
     def pop_means(self) -> dict[str, float]:
-        out = {k: sum(v) / len(v) for k, v in self.stats.items() if v}
+        out = {k: float(total) / count for k, (total, count) in self.stats.items() if count}
         self.stats.clear()
         return out
 
