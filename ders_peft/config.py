@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
+from peft.utils import TaskType
 
 from .registration import PEFT_TYPE_DERS
 
@@ -14,6 +16,28 @@ DELTA_TYPES = ("lowrank", "sparse", "full")
 
 def _bad(field_name: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"DeRSConfig.{field_name}={value!r} is invalid: {allowed}.")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_int(field_name: str, value: object, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise _bad(field_name, value, f"must be an integer >= {minimum}")
+
+
+def _check_names(field_name: str, value: object) -> None:
+    """``None``, a regex string, or a non-empty collection of module names."""
+    if value is None or (isinstance(value, str) and value):
+        return
+    if isinstance(value, list | tuple | set) and value and all(isinstance(v, str) and v for v in value):
+        return
+    raise _bad(field_name, value, "must be None, a regex string or a non-empty list of module names such as ['mlp']")
 
 
 @dataclass
@@ -28,6 +52,7 @@ class DeRSConfig(PeftConfig):
         target_modules: names (or a regex) of the FFN blocks to upcycle, e.g. ``["mlp"]``. ``None`` picks the
             default for the architecture (see ``ders_peft.ffn.DEFAULT_TARGET_MODULES``). A matched module must be a
             whole FFN block of a supported layout (SwiGLU, fused SwiGLU, two-layer MLP); a lone projection is refused.
+        exclude_modules: names (or a regex) of modules never to upcycle.
         num_experts: number of routed experts N (>= 1).
         top_k: experts chosen per token (1 <= top_k <= num_experts).
         delta_type: ``"lowrank"`` (Delta_i = B_i A_i, DeRS-LM), ``"sparse"`` (fixed random indices with trainable
@@ -35,8 +60,9 @@ class DeRSConfig(PeftConfig):
         rank: rank r of each low-rank delta (``delta_type="lowrank"``).
         sparse_rate: fraction of entries NOT kept in each sparse delta, as in the paper (0.9999 keeps 0.01%).
         seed: seed of the router initialisation, the low-rank A matrices and the sparse indices.
-        shared_expert: extended DeRS: an always-on universal FFN (the shared base plus its own delta) whose output is
-            added to the routed experts' output.
+        shared_expert: extended DeRS: an always-on universal FFN (the shared base plus its own delta) next to the
+            routed experts; its output and the routed mixture are averaged (see ``ders_peft.routing.route``), so the
+            freshly upcycled model still computes the dense model.
         train_base: train the shared base FFN copy (the paper's default). If False the base stays the frozen dense FFN.
         normalize_top_k: renormalise the kept top-k router weights to sum to one (Mixtral, DeepSpeed top-2). If False
             the raw softmax probabilities are used (the paper's TopK(softmax)).
@@ -45,9 +71,15 @@ class DeRSConfig(PeftConfig):
         router_init_std: standard deviation of the router's normal initialisation.
         delta_scale: multiplier on every delta's output. Under Adam it acts as a learning-rate multiplier for the
             deltas (as LoRA's alpha / r does); 1.0 is the paper's parametrisation.
-        layers_to_transform: indices of the blocks to upcycle (e.g. every other block); ``None`` for all.
-        layers_pattern: name of the ModuleList holding the blocks, used with ``layers_to_transform``.
+        layers_to_transform: indices of the blocks to upcycle (e.g. ``list(range(0, n, 2))``, every other block as
+            MoE-LLaVA does); ``None`` for all. Needs ``target_modules`` as a list of names (not a regex).
+        layers_pattern: name of the ModuleList holding the blocks (``"layers"``, GPT-2's ``"h"``), used with
+            ``layers_to_transform``; ``None`` lets peft find the first numbered level of the module name.
         modules_to_save: other modules to train fully and save with the adapter.
+        task_type: peft task type (``"CAUSAL_LM"``, ...) or ``None``.
+
+    Every invalid value or combination raises ``ValueError`` naming the field and what is allowed; settings that
+    depend on the model (rank above a matrix side, block indices, non-FFN targets) are checked by ``get_peft_model``.
     """
 
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "FFN blocks to upcycle."})
@@ -70,6 +102,8 @@ class DeRSConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained fully and saved."})
 
     def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in list(TaskType):
+            raise _bad("task_type", self.task_type, f"allowed values are None or one of {[t.value for t in TaskType]}")
         super().__post_init__()
         self.peft_type = PEFT_TYPE_DERS
         if isinstance(self.target_modules, list | tuple):
@@ -80,29 +114,82 @@ class DeRSConfig(PeftConfig):
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the allowed values for any invalid setting."""
-        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
-            raise _bad("num_experts", self.num_experts, "must be an integer >= 1")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.num_experts:
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        _check_int("num_experts", self.num_experts, 1)
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
             raise _bad("top_k", self.top_k, f"must be an integer in [1, num_experts={self.num_experts}]")
         if self.delta_type not in DELTA_TYPES:
             raise _bad("delta_type", self.delta_type, f"allowed values are {DELTA_TYPES}")
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+        if not _is_int(self.rank) or self.rank <= 0:
             raise _bad("rank", self.rank, "must be an integer >= 1 (and at most the smaller side of each matrix)")
-        if not isinstance(self.sparse_rate, int | float) or not 0.0 <= self.sparse_rate < 1.0:
+        if not _is_real(self.sparse_rate) or not 0.0 <= self.sparse_rate < 1.0:
             raise _bad("sparse_rate", self.sparse_rate, "must be a float in [0, 1) (the fraction of entries NOT kept)")
-        if self.router_aux_loss_coef < 0:
-            raise _bad("router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0")
-        if self.router_z_loss_coef < 0:
-            raise _bad("router_z_loss_coef", self.router_z_loss_coef, "must be >= 0")
-        if not self.router_init_std > 0:
-            raise _bad("router_init_std", self.router_init_std, "must be > 0")
-        if not self.delta_scale > 0:
-            raise _bad("delta_scale", self.delta_scale, "must be > 0")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise _bad("layers_pattern", self.layers_pattern, "is only used together with layers_to_transform")
+        _check_int("seed", self.seed, 0)
+        for name in ("shared_expert", "train_base", "normalize_top_k"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "must be True or False")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value < math.inf:
+                raise _bad(name, value, "must be a finite number >= 0 (0 disables the loss)")
+        for name in ("router_init_std", "delta_scale"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 < value < math.inf:
+                raise _bad(name, value, "must be a finite number > 0")
+        self._validate_layer_selection()
+        if self.modules_to_save is not None and (
+            isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save)
+        ):
+            raise _bad("modules_to_save", self.modules_to_save, "must be None or a list of module names")
         if self.delta_type == "full" and not self.train_base:
             raise _bad(
                 "train_base", self.train_base, "must be True with delta_type='full' (vanilla experts are full copies)"
+            )
+
+    def _validate_layer_selection(self) -> None:
+        layers = self.layers_to_transform
+        if layers is not None:
+            indices = [layers] if _is_int(layers) else layers
+            if not isinstance(indices, list | tuple) or not indices or not all(_is_int(i) and i >= 0 for i in indices):
+                raise _bad(
+                    "layers_to_transform",
+                    layers,
+                    "must be None (all blocks), an index >= 0 or a non-empty list of them",
+                )
+            if isinstance(self.target_modules, str):
+                raise _bad(
+                    "layers_to_transform",
+                    layers,
+                    "cannot be combined with a regex target_modules (peft ignores it then); pass target_modules as a "
+                    "list of names such as ['mlp'] or put the block indices into the regex",
+                )
+        pattern = self.layers_pattern
+        if pattern is not None:
+            if not (isinstance(pattern, str) and pattern) and not (
+                isinstance(pattern, list | tuple) and pattern and all(isinstance(p, str) and p for p in pattern)
+            ):
+                raise _bad(
+                    "layers_pattern", pattern, "must be None, a name such as 'layers' or 'h', or a list of them"
+                )
+            if layers is None:
+                raise _bad("layers_pattern", pattern, "is only used together with layers_to_transform")
+
+    def check_model(self, model_config: dict) -> None:
+        """Checks that need the base model's config (a dict): block indices in ``layers_to_transform`` must exist."""
+        num_blocks = next(
+            (model_config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if _is_int(model_config.get(k))),
+            None,
+        )
+        if self.layers_to_transform is None or num_blocks is None:
+            return
+        indices = [self.layers_to_transform] if _is_int(self.layers_to_transform) else self.layers_to_transform
+        missing = sorted(i for i in indices if i >= num_blocks)
+        if missing:
+            raise _bad(
+                "layers_to_transform",
+                self.layers_to_transform,
+                f"the model has {num_blocks} blocks (indices 0..{num_blocks - 1}), so {missing} do not exist",
             )
 
     @property
