@@ -11,7 +11,7 @@ from torch import nn
 from .config import DeRSConfig
 from .ffn import DEFAULT_TARGET_MODULES
 from .layer import DeRSLayer, RouterRuntime
-from .registration import PREFIX
+from .registration import PREFIX, check_adapter_checkpoint
 
 _ADAPTER_CONTAINERS = DeRSLayer.adapter_layer_names
 _UPCAST_CONTAINERS = ("ders_router", "ders_delta", "ders_bias")
@@ -34,6 +34,7 @@ class DeRSModel(BaseTuner):
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: DeRSConfig, model_config: dict) -> DeRSConfig:
+        peft_config.check_model(model_config)
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
@@ -85,6 +86,15 @@ class DeRSModel(BaseTuner):
         """``...mlp.ders_delta.<adapter>.down_proj.lora_b.weight`` -> ``...mlp.ders_delta.down_proj.lora_b.weight``."""
         pattern = r"\.(" + "|".join(_ADAPTER_CONTAINERS) + r")\." + re.escape(adapter_name) + r"(\.|$)"
         return re.sub(pattern, r".\1\2", key)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's key remapping, then a ``ValueError`` if the DeRS tensors do not fit the model's DeRS layers."""
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        check_adapter_checkpoint(model, remapped, adapter_name, config)
+        return remapped
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
