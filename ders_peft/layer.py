@@ -254,6 +254,8 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         """
         names = adapter_names or [a for a in self.active_adapters if a in self.ders_router]
         names = [a for a in names if a in self.ders_router and a not in self.merged_adapters]
+        if not names:
+            return  # already merged (or nothing to merge): nothing to do
         if self.merged_adapters or len(names) > 1:
             raise ValueError("DeRS layers can hold one merged adapter at a time; unmerge first.")
         for adapter in names:
