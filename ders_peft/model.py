@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -15,6 +16,29 @@ from .registration import PREFIX, check_adapter_checkpoint
 
 _ADAPTER_CONTAINERS = DeRSLayer.adapter_layer_names
 _UPCAST_CONTAINERS = ("ders_router", "ders_delta", "ders_bias")
+
+
+class _AttentionMaskCapture:
+    """Forward pre-hook on the wrapped transformers model: keeps each call's 2-D attention mask in the runtime, so the
+    router losses exclude padding tokens."""
+
+    def __init__(self, runtime: RouterRuntime) -> None:
+        self.runtime = runtime
+        self._positions: dict[type, int | None] = {}
+
+    def _position(self, module: nn.Module) -> int | None:
+        cls = type(module)
+        if cls not in self._positions:
+            params = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+            self._positions[cls] = params.index("attention_mask") if "attention_mask" in params else None
+        return self._positions[cls]
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            pos = self._position(module)
+            mask = args[pos] if pos is not None and pos < len(args) else None
+        self.runtime.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 class DeRSModel(BaseTuner):
@@ -31,6 +55,9 @@ class DeRSModel(BaseTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self.runtime = RouterRuntime()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        # A PeftModel without task_type (what SFTTrainer builds from a bare DeRSConfig) calls the transformers model
+        # directly, bypassing DeRSModel.forward: capture the attention mask with a hook on that model instead.
+        self.model.register_forward_pre_hook(_AttentionMaskCapture(self.runtime), with_kwargs=True)
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: DeRSConfig, model_config: dict) -> DeRSConfig:
