@@ -1,0 +1,73 @@
+"""The chunked low-rank fast path of ``routed_ffn`` against the generic autograd path: outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ders_testing import ders_layers, randomize_adapter, tiny_model
+from peft import get_peft_model
+
+import ders_peft
+from ders_peft import functional
+from ders_peft.functional import _LowRankSlots
+
+
+def _outputs_and_grads(peft_model, x):
+    layer = ders_layers(peft_model)[0]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    xx = x.clone().requires_grad_()
+    y = layer(xx)
+    grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1])).sum(), [xx, *params])
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("shared,top_k,train_base", [(False, 2, True), (True, 1, False), (False, 3, True)])
+def test_fast_path_matches_generic_path(monkeypatch, family, shared, top_k, train_base):
+    model = tiny_model(family)
+    cfg = ders_peft.DeRSConfig(
+        num_experts=4, top_k=top_k, rank=3, shared_expert=shared, train_base=train_base, delta_scale=0.7
+    )
+    peft_model = get_peft_model(model, cfg)
+    randomize_adapter(peft_model, std=0.1)
+    peft_model.train()
+    x = torch.randn(3, 7, 32)
+    calls = []
+    real = functional.lowrank_routed_ffn
+    monkeypatch.setattr(functional, "lowrank_routed_ffn", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(functional, "SLOT_CHUNK_ELEMENTS", 300)  # several chunks and a ragged last one
+    y_fast, g_fast = _outputs_and_grads(peft_model, x)
+    if family != "gpt_neox":  # NeoX's MLP has biases: it must take the generic path
+        assert calls, "the fast path was not used"
+    else:
+        assert not calls
+    monkeypatch.setattr(functional, "_lowrank_fast_path", lambda *a: False)
+    y_ref, g_ref = _outputs_and_grads(peft_model, x)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+    assert len(g_fast) == len(g_ref)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gated,num_in", [(True, 2), (True, 1), (False, 1)])
+def test_slot_core_gradcheck(monkeypatch, gated, num_in):
+    """Double-precision gradcheck of the hand-written backward, with chunking."""
+    monkeypatch.setattr(functional, "SLOT_CHUNK_ELEMENTS", 40)
+    gen = torch.Generator().manual_seed(0)
+    S, T, E, r, inter = 2, 5, 3, 2, 4
+    out_w = inter * (2 if gated and num_in == 1 else 1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    idx = torch.randint(0, E, (S, T), generator=gen)
+    mask = torch.nn.functional.one_hot(idx, E).double().repeat_interleave(r, dim=-1)
+    flat = []
+    for _ in range(num_in):
+        flat += [rnd(T, out_w), rnd(T, E * r), rnd(out_w, E * r)]
+    spec = (torch.nn.functional.silu, gated)
+
+    def fn(weights, a_out, *flat):
+        return _LowRankSlots.apply(spec, weights, mask, a_out, *flat)
+
+    assert torch.autograd.gradcheck(fn, (rnd(S, T), rnd(E * r, inter), *flat))
