@@ -2,9 +2,17 @@
 
 ``import ders_peft`` appends it to transformers' default callbacks, so HF ``Trainer`` and TRL ``SFTTrainer`` pick it
 up without user code; it does nothing for models without DeRS layers.
+
+Why ``1 / micro-batches``: the router losses are injected into the backward pass of every micro-batch (see
+:func:`ders_peft.routing.inject_aux_loss`), while ``Trainer`` weights each micro-batch's LM loss by one over the
+number of micro-batches of the optimizer step (it divides the per-batch mean by
+``current_gradient_accumulation_steps``, or normalises by the token count of the whole accumulated batch). Scaling
+the injected gradient the same way makes one optimizer step see the mean router loss of its micro-batches.
 """
 
 from __future__ import annotations
+
+import math
 
 from transformers import TrainerCallback
 
@@ -18,13 +26,49 @@ def find_ders_tuners(model) -> list:
     return [m for m in model.modules() if isinstance(m, DeRSModel)]
 
 
+def micro_batches_in_step(gradient_accumulation_steps: int, batches_per_epoch: int | None, global_step: int) -> int:
+    """Number of micro-batches ``Trainer`` accumulates for the optimizer step that starts after ``global_step`` steps.
+
+    Every step accumulates ``gradient_accumulation_steps`` batches except the last step of an epoch, which takes the
+    remainder when the epoch's batch count is not a multiple of it (``Trainer._run_epoch``). Without a known epoch
+    length (iterable datasets) every step is full.
+    """
+    ga = max(1, gradient_accumulation_steps)
+    if not batches_per_epoch:
+        return ga
+    steps_per_epoch = math.ceil(batches_per_epoch / ga)
+    if global_step % steps_per_epoch == steps_per_epoch - 1:
+        return batches_per_epoch - (steps_per_epoch - 1) * ga
+    return ga
+
+
+def _epoch_length(dataloader) -> int | None:
+    try:
+        return len(dataloader)
+    except TypeError:
+        return None
+
+
 class DeRSTrainerCallback(TrainerCallback):
-    """Sets the router-loss gradient scale to ``1 / gradient_accumulation_steps`` and adds the mean router losses
-    (``router_aux_loss``, ``router_z_loss``) of each logging window to the training logs."""
+    """Sets the router-loss gradient scale to ``1 / micro-batches of the optimizer step`` and adds the mean router
+    losses (``router_aux_loss``, ``router_z_loss``, averaged over layers and forward passes) of each logging window
+    to the training logs."""
+
+    @staticmethod
+    def _set_scale(model, scale: float) -> None:
+        for tuner in find_ders_tuners(model):
+            tuner.set_router_loss_scale(scale)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        for tuner in find_ders_tuners(model):
-            tuner.set_router_loss_scale(1.0 / max(1, args.gradient_accumulation_steps))
+        self._set_scale(model, 1.0 / max(1, args.gradient_accumulation_steps))
+
+    def on_step_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        n = micro_batches_in_step(args.gradient_accumulation_steps, _epoch_length(train_dataloader), state.global_step)
+        self._set_scale(model, 1.0 / n)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # Outside a Trainer (plain training loops) the router losses get a unit gradient again.
+        self._set_scale(model, 1.0)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs:
