@@ -202,3 +202,14 @@ def test_merge_adapter_round_trip():
 
 def test_reexported_names():
     assert ders_peft.DeRSConfig is DeRSConfig
+
+
+@pytest.mark.parametrize("delta_type", ["lowrank", "sparse", "full"])
+def test_low_cpu_mem_usage_load_is_exact(delta_type, tmp_path):
+    """peft builds the adapter on the meta device and assigns the checkpoint's tensors."""
+    peft_model = upcycled("phi", delta_type=delta_type, shared_expert=True)
+    want = logits(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model("phi"), tmp_path, low_cpu_mem_usage=True)
+    assert {t.device.type for t in [*reloaded.parameters(), *reloaded.buffers()]} == {"cpu"}
+    assert (logits(reloaded) - want).abs().max().item() == 0.0
