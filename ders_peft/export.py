@@ -5,13 +5,15 @@ router is copied, and every non-FFN weight is carried over, so engines that only
 (vLLM, SGLang, llama.cpp, TGI) can serve the trained model. A target is offered only where the mapping is exact; any
 other combination is refused with a ``ValueError`` naming the reason, before anything is written.
 
-Supported (source ``model_type``, options) -> target, see ``README.md`` for the full matrix:
+Supported (source ``model_type``, options) -> target (the README has the full matrix with the refusals):
 
 - llama / mistral, every block upcycled, no universal FFN, ``normalize_top_k=True`` -> ``mixtral``
 - llama / mistral / qwen2, any subset of blocks, with or without the universal FFN -> ``qwen2_moe`` (dense blocks
   become ``mlp_only_layers``; the universal FFN becomes the shared expert behind a zero gate, sigmoid(0) = 0.5, and
-  the routed half's 0.5 is folded into the experts' down projections; Llama gets zero q/k/v biases)
+  the routed half's 0.5 is folded into the experts' down projections; Llama/Mistral get zero q/k/v biases)
 - qwen3, any subset of blocks, no universal FFN -> ``qwen3_moe``
+- granite, every block upcycled, ``normalize_top_k=True`` -> ``granitemoe`` (no universal FFN) or
+  ``granitemoeshared`` (the universal FFN is the ungated shared MLP; both halves' 0.5 go into the down projections)
 """
 
 from __future__ import annotations
@@ -32,31 +34,56 @@ from .config import DeRSConfig
 from .layer import DeRSLayer
 from .routing import SHARED_EXPERT_MIX
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
-# source model_type -> targets it can map to exactly, in order of preference (the first is the default)
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a target MoE architecture can express and where its MoE block's tensors live."""
+
+    model_class: str
+    block: str  # attribute of the decoder layer holding the MoE block
+    router: str  # router weight, relative to the block
+    dense_blocks: bool  # can keep some blocks dense (mlp_only_layers)
+    shared: str  # "none", "gated" (sigmoid gate, Qwen2-MoE) or "ungated" (added with weight 1, GraniteMoeShared)
+    renormalises: str  # "always" or "option" (norm_topk_prob)
+    attention_bias: str  # which source attention biases it holds: "none", "qkv" or "all"
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "mixtral": TargetSpec("MixtralForCausalLM", "mlp", "gate.weight", False, "none", "always", "none"),
+    "qwen2_moe": TargetSpec("Qwen2MoeForCausalLM", "mlp", "gate.weight", True, "gated", "option", "qkv"),
+    "qwen3_moe": TargetSpec("Qwen3MoeForCausalLM", "mlp", "gate.weight", True, "none", "option", "all"),
+    "granitemoe": TargetSpec(
+        "GraniteMoeForCausalLM", "block_sparse_moe", "router.weight", False, "none", "always", "all"
+    ),
+    "granitemoeshared": TargetSpec(
+        "GraniteMoeSharedForCausalLM", "block_sparse_moe", "router.weight", False, "ungated", "always", "all"
+    ),
+}
+ARCHITECTURES = tuple(TARGETS)
+
+# source model_type -> targets it can map to exactly, in order of preference (the first that can express the
+# adapter's options is the default)
 SOURCE_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("mixtral", "qwen2_moe"),
     "mistral": ("mixtral", "qwen2_moe"),
     "qwen2": ("qwen2_moe",),
     "qwen3": ("qwen3_moe",),
+    "granite": ("granitemoe", "granitemoeshared"),
 }
 
 _REFUSED_SOURCES = {
     "gemma": "Gemma scales embeddings and uses (1 + weight) RMSNorm; no standard MoE architecture does both",
+    "gemma2": "Gemma-2 has extra post-norms and logit soft-capping; no standard MoE architecture does both",
     "olmo": "OLMo uses a non-parametric LayerNorm; OLMoE uses RMSNorm and q/k norms",
     "olmo2": "OLMo-2 normalises after attention/FFN (post-norm); OLMoE is pre-norm",
     "phi3": "PhiMoE uses LayerNorm, attention biases and sparsemixer routing; Phi-3 uses RMSNorm and no biases",
     "phi": "Phi has parallel attention/FFN blocks and GELU MLPs; no standard MoE architecture matches",
+    "stablelm": "StableLM uses LayerNorm and partial rotary embeddings; no standard MoE architecture matches",
+    "gpt2": "GPT-2 has learned positions, LayerNorm and GELU MLPs with biases; no standard MoE architecture matches",
+    "gpt_neox": "GPT-NeoX has parallel attention/FFN, LayerNorm and biased GELU MLPs; no standard MoE matches",
 }
 
 _BLOCK_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
-
-_TARGET_CLASSES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-}
 
 
 @dataclass
@@ -130,7 +157,8 @@ def _check_layers(layers: dict[int, DeRSLayer], adapter: str) -> None:
 
 
 def _check_attention(src, arch: str, source_type: str) -> None:
-    if getattr(src, "attention_bias", False) and arch != "qwen3_moe":
+    spec = TARGETS[arch]
+    if getattr(src, "attention_bias", False) and spec.attention_bias != "all":
         raise _refuse(
             f"{source_type} attention_bias=True puts a bias on o_proj, which {arch} attention does not have "
             f"(allowed: attention_bias=False)"
@@ -141,6 +169,28 @@ def _check_attention(src, arch: str, source_type: str) -> None:
         raise _refuse(f"pretraining_tp={src.pretraining_tp} (allowed: 1)")
     if getattr(src, "attention_dropout", 0.0):
         raise _refuse(f"attention_dropout={src.attention_dropout} (allowed: 0.0)")
+
+
+def _check_routing(arch: str, cfg: DeRSConfig, dense_blocks: list[int]) -> None:
+    """Refuse DeRS options the target's MoE block cannot express."""
+    spec, name = TARGETS[arch], TARGETS[arch].model_class
+    if dense_blocks and not spec.dense_blocks:
+        raise _refuse(
+            f"blocks {dense_blocks} are not upcycled, but every {name} block is MoE (upcycle all blocks"
+            + (", or use architecture='qwen2_moe', which keeps dense blocks)" if arch == "mixtral" else ")")
+        )
+    if cfg.shared_expert and spec.shared == "none":
+        alt = {"mixtral": "qwen2_moe", "granitemoe": "granitemoeshared"}.get(arch)
+        raise _refuse(
+            f"shared_expert=True: {name} has no shared/universal expert"
+            + (f" (use architecture={alt!r})" if alt else " (train with shared_expert=False)")
+        )
+    if not cfg.normalize_top_k and spec.renormalises == "always":
+        raise _refuse(
+            f"normalize_top_k=False: {name} always renormalises the top-k router weights (train with "
+            "normalize_top_k=True"
+            + (", or use architecture='qwen2_moe', which has norm_topk_prob)" if arch == "mixtral" else ")")
+        )
 
 
 def _common_config(src, cfg: DeRSConfig, inter: int, dtype: torch.dtype) -> dict:
@@ -185,22 +235,11 @@ def _target_config(src, arch: str, source_type: str, cfg: DeRSConfig, layers: di
     inter = ffn.intermediate_size(first.base_layer, first.layout)
     kw = _common_config(src, cfg, inter, dtype)
     dense_blocks = sorted(set(range(src.num_hidden_layers)) - set(layers))
+    _check_routing(arch, cfg, dense_blocks)
     types = _layer_types(src, source_type)
     sliding = getattr(src, "sliding_window", None)
     if arch == "mixtral":
-        if dense_blocks:
-            raise _refuse(
-                f"blocks {dense_blocks} are not upcycled, but every Mixtral block is MoE "
-                "(upcycle all blocks, or use architecture='qwen2_moe', which keeps dense blocks)"
-            )
-        if cfg.shared_expert:
-            raise _refuse("shared_expert=True: Mixtral has no shared/universal expert (use architecture='qwen2_moe')")
-        if not cfg.normalize_top_k:
-            raise _refuse(
-                "normalize_top_k=False: Mixtral always renormalises the top-k router weights "
-                "(use normalize_top_k=True, or architecture='qwen2_moe', which has norm_topk_prob)"
-            )
-        if source_type == "mistral" and sliding is not None and set(types) != {"sliding_attention"}:
+        if len(set(types)) > 1:
             raise _refuse("the source mixes sliding and full attention blocks; Mixtral applies one window to all")
         kw.update(num_local_experts=cfg.num_experts, sliding_window=sliding if "sliding_attention" in types else None)
         return transformers.MixtralConfig(**kw)
@@ -220,26 +259,49 @@ def _target_config(src, arch: str, source_type: str, cfg: DeRSConfig, layers: di
             max_window_layers=getattr(src, "max_window_layers", src.num_hidden_layers),
         )
         return transformers.Qwen2MoeConfig(**kw)
-    # qwen3_moe
-    if cfg.shared_expert:
-        raise _refuse("shared_expert=True: Qwen3-MoE has no shared/universal expert (train with shared_expert=False)")
-    if len(set(types)) > 1:
-        raise _refuse(
-            f"the source mixes attention types {sorted(set(types))}; Qwen3-MoE applies one sliding window to every "
-            "block"
+    if arch == "qwen3_moe":
+        if len(set(types)) > 1:
+            raise _refuse(
+                f"the source mixes attention types {sorted(set(types))}; Qwen3-MoE applies one sliding window to "
+                "every block"
+            )
+        use_sw = types[0] == "sliding_attention"
+        kw.update(
+            num_experts=cfg.num_experts,
+            norm_topk_prob=cfg.normalize_top_k,
+            moe_intermediate_size=inter,
+            decoder_sparse_step=1,
+            mlp_only_layers=dense_blocks,
+            attention_bias=bool(getattr(src, "attention_bias", False)),
+            use_sliding_window=use_sw,
+            sliding_window=sliding if use_sw else None,
         )
-    use_sw = types[0] == "sliding_attention"
+        return transformers.Qwen3MoeConfig(**kw)
+    # granitemoe / granitemoeshared: same multipliers as Granite
     kw.update(
-        num_experts=cfg.num_experts,
-        norm_topk_prob=cfg.normalize_top_k,
-        moe_intermediate_size=inter,
-        decoder_sparse_step=1,
-        mlp_only_layers=dense_blocks,
+        num_local_experts=cfg.num_experts,
         attention_bias=bool(getattr(src, "attention_bias", False)),
-        use_sliding_window=use_sw,
-        sliding_window=sliding if use_sw else None,
+        **{k: getattr(src, k) for k in _GRANITE_MULTIPLIERS},
     )
-    return transformers.Qwen3MoeConfig(**kw)
+    if arch == "granitemoe":
+        return transformers.GraniteMoeConfig(**kw)
+    return transformers.GraniteMoeSharedConfig(**kw, shared_intermediate_size=inter if cfg.shared_expert else 0)
+
+
+_GRANITE_MULTIPLIERS = ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier")
+
+
+def _default_target(allowed: tuple[str, ...], cfg: DeRSConfig, dense: bool) -> str:
+    """The first allowed target whose MoE block can express the adapter's options (else the first, which refuses)."""
+    for arch in allowed:
+        spec = TARGETS[arch]
+        if (
+            (spec.dense_blocks or not dense)
+            and (spec.shared != "none" or not cfg.shared_expert)
+            and (spec.renormalises == "option" or cfg.normalize_top_k)
+        ):
+            return arch
+    return allowed[0]
 
 
 def plan_export(model: nn.Module, architecture: str | None = None) -> ExportPlan:
@@ -263,12 +325,7 @@ def plan_export(model: nn.Module, architecture: str | None = None) -> ExportPlan
     allowed = SOURCE_TARGETS[source_type]
     layers, adapter, cfg = _collect_layers(root)
     if architecture is None:
-        # prefer the first target that can express the options
-        architecture = allowed[0]
-        if architecture == "mixtral" and (
-            cfg.shared_expert or not cfg.normalize_top_k or len(layers) != src.num_hidden_layers
-        ):
-            architecture = "qwen2_moe"
+        architecture = _default_target(allowed, cfg, dense=len(layers) != src.num_hidden_layers)
     if architecture not in allowed:
         raise _refuse(
             f"a {source_type!r} model cannot become {architecture!r} exactly (attention/normalisation differ); "
@@ -304,49 +361,60 @@ def _plain_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]
     return out
 
 
-def expert_tensors(layer: DeRSLayer, adapter: str, shared_as_expert: bool) -> dict[str, torch.Tensor]:
+def expert_tensors(layer: DeRSLayer, adapter: str, shared: str) -> dict[str, torch.Tensor]:
     """The fp32 tensors of one MoE block in transformers' in-memory layout.
 
-    ``gate`` (N, H) router; ``gate_up_proj`` (N, 2I, H) with gate rows first; ``down_proj`` (N, H, I). With a
-    universal FFN (``shared_as_expert``) the routed down projections carry the 0.5 mixing weight and the universal
-    expert comes back as ``shared_gate_proj``/``shared_up_proj``/``shared_down_proj`` (to sit behind a zero sigmoid
-    gate, which supplies the other 0.5).
+    ``router`` (N, H); ``gate_up_proj`` (N, 2I, H) with the gate rows first; ``down_proj`` (N, H, I). With a universal
+    FFN the DeRS layer averages the routed mixture and the universal expert (0.5 each), so the routed down projections
+    carry 0.5, and the universal expert comes back as ``shared_gate_up_proj`` (2I, H) / ``shared_down_proj`` (H, I):
+    behind a zero sigmoid gate (``shared="gated"``, sigmoid(0) = 0.5) unscaled, added with weight 1
+    (``shared="ungated"``) with its down projection halved.
     """
     cfg = layer.ders_settings[adapter]
     n = cfg.num_experts
     with torch.no_grad():
         weights = {name: w.float() for name, w in layer.expert_weights(adapter).items()}
         gate, up, down = weights["gate_proj"], weights["up_proj"], weights["down_proj"]
-        out = {"gate": layer.ders_router[adapter].weight.detach().float().clone()}
+        out = {"router": layer.ders_router[adapter].weight.detach().float().clone()}
         out["gate_up_proj"] = torch.cat([gate[:n], up[:n]], dim=1)
         routed_down = down[:n]
         if cfg.shared_expert:
-            if not shared_as_expert:
+            if shared == "none":
                 raise _refuse("the target has no shared expert for the universal FFN")
             routed_down = routed_down * SHARED_EXPERT_MIX
-            out["shared_gate_proj"], out["shared_up_proj"], out["shared_down_proj"] = gate[n], up[n], down[n]
+            out["shared_gate_up_proj"] = torch.cat([gate[n], up[n]], dim=0)
+            out["shared_down_proj"] = down[n] * (SHARED_EXPERT_MIX if shared == "ungated" else 1.0)
         out["down_proj"] = routed_down.contiguous()
     return out
 
 
-def _moe_block_state(plan: ExportPlan, idx: int, prefix: str) -> dict[str, torch.Tensor]:
-    layer = plan.layers[idx]
-    t = expert_tensors(layer, plan.adapter, shared_as_expert=plan.architecture == "qwen2_moe")
+def _moe_block_state(plan: ExportPlan, idx: int) -> dict[str, torch.Tensor]:
+    spec = TARGETS[plan.architecture]
+    t = expert_tensors(plan.layers[idx], plan.adapter, spec.shared)
+    prefix = f"model.layers.{idx}.{spec.block}."
     out = {
-        f"{prefix}gate.weight": t["gate"],
+        prefix + spec.router: t["router"],
         f"{prefix}experts.gate_up_proj": t["gate_up_proj"],
         f"{prefix}experts.down_proj": t["down_proj"],
     }
-    if plan.architecture == "qwen2_moe":
-        hidden = t["gate"].shape[1]
+    hidden = t["router"].shape[1]
+    if (
+        spec.shared == "gated"
+    ):  # Qwen2-MoE: the shared expert always exists; without a universal FFN it is one zero unit
         out[f"{prefix}shared_expert_gate.weight"] = torch.zeros(1, hidden)  # sigmoid(0) = 0.5
         if plan.settings.shared_expert:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                out[f"{prefix}shared_expert.{proj}.weight"] = t[f"shared_{proj}"]
+            inter = t["shared_down_proj"].shape[1]
+            gate_w, up_w = t["shared_gate_up_proj"].split(inter)
+            out[f"{prefix}shared_expert.gate_proj.weight"] = gate_w
+            out[f"{prefix}shared_expert.up_proj.weight"] = up_w
+            out[f"{prefix}shared_expert.down_proj.weight"] = t["shared_down_proj"]
         else:
             out[f"{prefix}shared_expert.gate_proj.weight"] = torch.zeros(1, hidden)
             out[f"{prefix}shared_expert.up_proj.weight"] = torch.zeros(1, hidden)
             out[f"{prefix}shared_expert.down_proj.weight"] = torch.zeros(hidden, 1)
+    elif spec.shared == "ungated" and plan.settings.shared_expert:  # GraniteMoeShared: a sibling of the MoE block
+        out[f"model.layers.{idx}.shared_mlp.input_linear.weight"] = t["shared_gate_up_proj"]
+        out[f"model.layers.{idx}.shared_mlp.output_linear.weight"] = t["shared_down_proj"]
     return out
 
 
@@ -385,9 +453,9 @@ def _convert(model: nn.Module, plan: ExportPlan) -> nn.Module:
     state = {k: v.detach() for k, v in _plain_state(root).items()}
     with _with_layers_unmerged(plan.layers):
         for idx in plan.layers:
-            state.update(_moe_block_state(plan, idx, f"model.layers.{idx}.mlp."))
+            state.update(_moe_block_state(plan, idx))
 
-    cls = getattr(transformers, _TARGET_CLASSES[plan.architecture][1])
+    cls = getattr(transformers, TARGETS[plan.architecture].model_class)
     with init_empty_weights(include_buffers=False):
         target = cls(plan.target_config)
     expected = target.state_dict()
@@ -427,7 +495,7 @@ def model_card(plan: ExportPlan, base_model: str | None, max_abs_logit_diff: flo
         f"# {plan.architecture} export of a DeRS-upcycled model",
         "",
         "Mixture-of-Experts model upcycled from a dense model with DeRS (arXiv 2503.01359) using `ders_peft`, then "
-        f"exported as a standard `{_TARGET_CLASSES[plan.architecture][1]}`: each expert's weights"
+        f"exported as a standard `{TARGETS[plan.architecture].model_class}`: each expert's weights"
         " are the synthesised `W_base + Delta_i`, the router and every non-FFN weight are carried over. "
         "Loading it needs only `transformers` (no `ders_peft`).",
         "",
@@ -451,17 +519,23 @@ def model_card(plan: ExportPlan, base_model: str | None, max_abs_logit_diff: flo
     lines.append(f"| dtype | {str(plan.dtype).replace('torch.', '')} |")
     if max_abs_logit_diff is not None:
         lines.append(f"| max abs logit difference vs the DeRS model (check at export) | {max_abs_logit_diff:.2e} |")
+    notes = []
+    if TARGETS[plan.architecture].dense_blocks:
+        notes.append("Blocks that were not upcycled are dense `mlp_only_layers`.")
     if plan.architecture == "qwen2_moe":
-        lines += [
-            "",
-            "Mapping notes: blocks that were not upcycled are `mlp_only_layers`. "
-            + (
-                "The universal FFN is the shared expert behind a zero `shared_expert_gate` (sigmoid(0) = 0.5); the "
-                "routed experts' down projections carry the other 0.5."
-                if cfg.shared_expert
-                else "There was no universal FFN: the shared expert is a single zero unit and adds exactly 0."
-            ),
-        ]
+        notes.append(
+            "The universal FFN is the shared expert behind a zero `shared_expert_gate` (sigmoid(0) = 0.5); the routed "
+            "experts' down projections carry the other 0.5."
+            if cfg.shared_expert
+            else "There was no universal FFN: the shared expert is a single zero unit and adds exactly 0."
+        )
+    if plan.architecture == "granitemoeshared" and cfg.shared_expert:
+        notes.append(
+            "The universal FFN is the shared MLP; its down projection and the routed experts' carry the 0.5 weights "
+            "with which DeRS averages the two."
+        )
+    if notes:
+        lines += ["", "Mapping notes: " + " ".join(notes)]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from ders_testing import VOCAB, randomize_adapter, tiny_model
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -33,8 +34,29 @@ def perturb_dense(model: torch.nn.Module, std: float = 0.05, seed: int = 3) -> N
             p.add_(torch.randn(p.shape, generator=gen) * std)
 
 
+def tiny_granite(layers: int = 3, **kw):
+    """Granite with non-trivial multipliers (embedding, attention, residual, logits), which the export must carry."""
+    torch.manual_seed(0)
+    cfg = transformers.GraniteConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        embedding_multiplier=3.0,
+        logits_scaling=2.5,
+        residual_multiplier=0.4,
+        attention_multiplier=0.2,
+        **kw,
+    )
+    return transformers.GraniteForCausalLM(cfg).eval()
+
+
 def ders_model(family: str, model_kw: dict | None = None, **cfg_kw):
-    model = tiny_model(family, layers=3, **(model_kw or {}))
+    build = tiny_granite if family == "granite" else lambda **kw: tiny_model(family, **kw)
+    model = build(layers=3, **(model_kw or {}))
     perturb_dense(model)
     cfg = ders_peft.DeRSConfig(**{"num_experts": 4, "top_k": 2, "rank": 3, "sparse_rate": 0.5, **cfg_kw})
     peft_model = get_peft_model(model, cfg)
@@ -88,6 +110,14 @@ EXACT_CASES = {
         {},
         {"layers_to_transform": [0, 1], "normalize_top_k": False, "num_experts": 3},
         "Qwen3MoeForCausalLM",
+    ),
+    "granite->granitemoe": ("granite", None, {}, {"delta_type": "sparse"}, "GraniteMoeForCausalLM"),
+    "granite(attention_bias,universal)->granitemoeshared": (
+        "granite",
+        None,
+        {"attention_bias": True},
+        {"shared_expert": True},
+        "GraniteMoeSharedForCausalLM",
     ),
 }
 
@@ -213,15 +243,19 @@ def test_modules_to_save_copy_is_carried_over():
 
 
 REFUSALS = [
-    ("llama", "mixtral", {}, {"layers_to_transform": [0]}, "every Mixtral block is MoE"),
-    ("llama", "mixtral", {}, {"shared_expert": True}, "Mixtral has no shared"),
+    ("llama", "mixtral", {}, {"layers_to_transform": [0]}, "every MixtralForCausalLM block is MoE"),
+    ("llama", "mixtral", {}, {"shared_expert": True}, "MixtralForCausalLM has no shared"),
     ("llama", "mixtral", {}, {"normalize_top_k": False}, "normalize_top_k=False"),
-    ("qwen3", None, {}, {"shared_expert": True}, "Qwen3-MoE has no shared"),
+    ("qwen3", None, {}, {"shared_expert": True}, "Qwen3MoeForCausalLM has no shared"),
     ("qwen2", "mixtral", {}, {}, "allowed targets for 'qwen2'"),
     ("qwen3", "qwen2_moe", {}, {}, "allowed targets for 'qwen3'"),
     ("llama", None, {"attention_bias": True}, {}, "attention_bias=True"),
     ("llama", "qwen2_moe", {"mlp_bias": True}, {}, "mlp_bias"),
     ("gemma", None, {}, {}, "model_type='gemma'"),
+    ("granite", None, {}, {"layers_to_transform": [1]}, "every GraniteMoeForCausalLM block is MoE"),
+    ("granite", None, {}, {"normalize_top_k": False}, "normalize_top_k=False"),
+    ("granite", "granitemoe", {}, {"shared_expert": True}, "architecture='granitemoeshared'"),
+    ("llama", "granitemoe", {}, {}, "allowed targets for 'llama'"),
     ("phi", None, {}, {}, "model_type='phi'"),
     ("gpt2", None, {}, {}, "model_type='gpt2'"),
     (
@@ -236,7 +270,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize("family,arch,model_kw,cfg_kw,message", REFUSALS)
 def test_refusals_name_the_reason(family, arch, model_kw, cfg_kw, message):
-    model = tiny_model(family, layers=2, **model_kw)
+    model = tiny_granite(2, **model_kw) if family == "granite" else tiny_model(family, layers=2, **model_kw)
     peft_model = get_peft_model(model, ders_peft.DeRSConfig(num_experts=3, top_k=2, **cfg_kw))
     with pytest.raises(ValueError, match="No exact standard MoE target") as err:
         plan_export(peft_model, arch)
@@ -248,7 +282,7 @@ def test_refusals_name_the_reason(family, arch, model_kw, cfg_kw, message):
 
 def test_bad_architecture_name():
     model = get_peft_model(tiny_model("llama"), ders_peft.DeRSConfig(num_experts=2, top_k=1))
-    with pytest.raises(ValueError, match=r"architecture='olmoe' is invalid: allowed values are"):
+    with pytest.raises(ValueError, match=r"architecture='olmoe' is invalid: allowed values are \('mixtral'"):
         plan_export(model, "olmoe")
 
 
