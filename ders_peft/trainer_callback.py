@@ -51,8 +51,8 @@ def _epoch_length(dataloader) -> int | None:
 
 class DeRSTrainerCallback(TrainerCallback):
     """Sets the router-loss gradient scale to ``1 / micro-batches of the optimizer step`` and adds the mean router
-    losses (``router_aux_loss``, ``router_z_loss``, averaged over layers and forward passes) of each logging window
-    to the training logs."""
+    losses (``router_aux_loss``, ``router_z_loss``: unweighted by their coefficients, averaged over layers and forward
+    passes) of each logging window to the training logs."""
 
     @staticmethod
     def _set_scale(model, scale: float) -> None:

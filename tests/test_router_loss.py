@@ -298,12 +298,13 @@ def test_hf_trainer_gradient_accumulation_averages_aux(tmp_path):
     _assert_aux_contribution("hf", tmp_path, ga=2, batch=1, gradient_checkpointing=True)
 
 
-def test_trainer_lm_loss_is_not_summed_over_micro_batches(tmp_path):
-    """The 1/GA aux scale is right because Trainer does not sum the LM loss over micro-batches either: with GA=2 over
-    two one-example micro-batches the LM gradient equals the one of a single two-example batch (Trainer normalises by
+@pytest.mark.parametrize("kind", ["hf", "sft"])
+def test_trainer_lm_loss_is_not_summed_over_micro_batches(tmp_path, kind):
+    """The 1/GA aux scale is right because the trainers do not sum the LM loss over micro-batches either: with GA=2
+    over two one-example micro-batches the LM gradient equals the one of a single two-example batch (both normalise by
     the token count of the whole accumulated batch)."""
-    accumulated, _, _, _ = _run("hf", tmp_path, 0.0, 0.0, batch=1, ga=2)
-    single, _, _, _ = _run("hf", tmp_path / "single", 0.0, 0.0, batch=2, ga=1)
+    accumulated, _, _, _ = _run(kind, tmp_path, 0.0, 0.0, batch=1, ga=2)
+    single, _, _, _ = _run(kind, tmp_path / "single", 0.0, 0.0, batch=2, ga=1)
     names = [n for n in single[0] if "ders_base" in n or "lora_b" in n]  # the router's LM gradient is 0 at init
     assert names
     for name in names:
