@@ -117,7 +117,10 @@ def load_balancing_loss(
     """Switch/Mixtral load-balancing loss ``N * sum_e f_e * P_e``.
 
     ``f_e`` is the fraction of routed slots sent to expert e (summed over the top-k slots, as transformers' Mixtral
-    does), ``P_e`` the mean router probability of expert e. ``token_mask`` (T,) excludes padding tokens.
+    does), ``P_e`` the mean router probability of expert e. ``token_mask`` (T,) excludes padding tokens; a mask with
+    no real token gives 0. Each DeRS layer adds ``coef *`` its own loss, so the total is a sum over layers (as in
+    DeepSpeed-MoE / MoE-LLaVA, which the paper builds on); transformers' Mixtral instead pools every layer's tokens
+    into one loss.
     """
     counts = F.one_hot(expert_idx, num_experts).to(probs.dtype).sum(dim=1)  # (T, N)
     if token_mask is None:

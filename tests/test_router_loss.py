@@ -102,6 +102,13 @@ def test_padding_tokens_are_excluded():
     torch.testing.assert_close(z_loss(logits, keep), z_loss(logits[keep]))
 
 
+def test_all_padding_gives_zero_not_nan():
+    logits, plan, probs = _random_routing(2, 3, 4, 2)
+    none = torch.zeros(6)
+    assert load_balancing_loss(probs, plan.expert_idx, 4, token_mask=none).item() == 0.0
+    assert z_loss(logits, none).item() == 0.0
+
+
 def test_z_loss_hand_value():
     rows = [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [-1.0, 4.0, 0.5]]
     lse = [math.log(sum(math.exp(v) for v in row)) for row in rows]
