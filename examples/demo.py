@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     base, tokenizer = lc.pretrained_base(args.cache, **base_kw)
-    print(
-        f"[1] pretrained base: {sum(p.numel() for p in base.parameters()):,} parameters ({time.perf_counter() - t0:.0f} s)"
-    )
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"[1] pretrained base: {n_params:,} parameters ({time.perf_counter() - t0:.0f} s)")
 
     train_files, val_files, test_files = lc.split_by_file(lc.code_domain_files(), seed=0)
     train_blocks = lc.pack_tokens(tokenizer, lc.read_texts(train_files, max_chars=domain_chars), seq_len)
@@ -89,9 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[3] SFTTrainer: {sft_steps} steps in {time.perf_counter() - t1:.0f} s")
     for row in trainer.state.log_history:
         if "loss" in row:
-            print(
-                f"    step {row['step']:>4}  loss {row['loss']:.3f}  router_aux_loss {row.get('router_aux_loss', 0):.4f}"
-            )
+            aux = row.get("router_aux_loss", float("nan"))
+            print(f"    step {row['step']:>4}  loss {row['loss']:.3f}  router_aux_loss {aux:.4f}")
 
     model = trainer.model.eval()
     report = ders_peft.parameter_report(model)
