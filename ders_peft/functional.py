@@ -152,6 +152,7 @@ class _LowRankSlots(torch.autograd.Function):
         width = a_out.shape[1]
         mixed = flat[0].new_empty(T, width)
         z_out = flat[0].new_empty(T, a_out.shape[0])
+        z_slots = mask.new_empty(mask.shape)  # per-slot h_s A_out^T, small, kept for the router-weight gradient
         chunk = _slot_chunk(S, width, T)
         for start in range(0, T, chunk):
             rows = slice(start, start + chunk)
@@ -159,23 +160,29 @@ class _LowRankSlots(torch.autograd.Function):
             pres, _ = _slot_pre(flat, mask_c, rows)
             gate, up = _split_gate_up(pres, gated)
             h = act(gate) * up if gated else act(gate)
-            torch.sum(h * w_c, dim=0, out=mixed[rows])
-            zd = (h.reshape(-1, width) @ a_out.t()).view(*mask_c.shape)
+            mixed_c = torch.mul(h[0], w_c[0], out=mixed[rows])
+            for s in range(1, S):
+                mixed_c.addcmul_(h[s], w_c[s])
+            zd = (h.reshape(-1, width) @ a_out.t()).view_as(mask_c)
+            z_slots[:, rows] = zd
             torch.sum(zd * (mask_c * w_c), dim=0, out=z_out[rows])
         ctx.spec = spec
-        ctx.save_for_backward(weights, mask, a_out, *flat)
+        ctx.save_for_backward(weights, mask, a_out, z_slots, *flat)
         return mixed, z_out
 
     @staticmethod
     def backward(ctx, d_mixed, d_z_out):
         act, gated = ctx.spec
-        weights, mask, a_out, *flat = ctx.saved_tensors
+        weights, mask, a_out, z_slots, *flat = ctx.saved_tensors
         need = ctx.needs_input_grad
         S, T = weights.shape
         width = a_out.shape[1]
-        d_weights = torch.zeros_like(weights) if need[1] else None
+        d_weights = torch.empty_like(weights) if need[1] else None  # every row block is written once below
         d_a_out = torch.zeros_like(a_out) if need[3] else None
-        d_flat = [torch.zeros_like(t) if need[4 + i] else None for i, t in enumerate(flat)]
+        d_flat = [  # base and z gradients are written per row block; B gradients accumulate
+            (torch.zeros_like(t) if i % 3 == 2 else torch.empty_like(t)) if need[4 + i] else None
+            for i, t in enumerate(flat)
+        ]
         chunk = _slot_chunk(S, width, T)
         for start in range(0, T, chunk):
             rows = slice(start, start + chunk)
@@ -190,7 +197,7 @@ class _LowRankSlots(torch.autograd.Function):
             d_zd = d_z_out[rows].unsqueeze(0) * mask_c * w_c  # (S, c, E*r)
             d_h = (d_zd.reshape(-1, d_zd.shape[-1]) @ a_out).view_as(h).addcmul_(w_c, dm)
             if d_weights is not None:
-                zd = (h.reshape(-1, width) @ a_out.t()).view_as(d_zd)
+                zd = z_slots[:, rows]
                 d_weights[:, rows] = (h * dm).sum(-1) + (zd * mask_c * d_z_out[rows].unsqueeze(0)).sum(-1)
             if d_a_out is not None:
                 d_a_out.addmm_(d_zd.reshape(-1, d_zd.shape[-1]).t(), h.reshape(-1, width))
