@@ -25,6 +25,11 @@ class Router(nn.Module):
                 self.weight.copy_(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Routing is sensitive to rounding: keep the gate in the router's dtype (fp32 after peft's adapter upcast) even
+        # under autocast, which SFTConfig turns on (bf16) by default, on CPU too.
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.to(self.weight.dtype), self.weight)
         return F.linear(x.to(self.weight.dtype), self.weight)
 
 

@@ -27,7 +27,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from trl import SFTConfig, SFTTrainer
 
 import ders_peft
-from ders_peft.routing import inject_aux_loss, load_balancing_loss, route, z_loss
+from ders_peft.routing import Router, inject_aux_loss, load_balancing_loss, route, z_loss
 from ders_peft.trainer_callback import DeRSTrainerCallback, micro_batches_in_step
 
 
@@ -116,6 +116,17 @@ def test_z_loss_hand_value():
     assert z_loss(logits).item() == pytest.approx(sum(v * v for v in lse) / 3, rel=1e-6)
     mask = torch.tensor([1, 0, 1])
     assert z_loss(logits, mask).item() == pytest.approx((lse[0] ** 2 + lse[2] ** 2) / 2, rel=1e-6)
+
+
+def test_router_runs_in_its_own_dtype_under_autocast():
+    router = Router(16, 4, init_std=0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    want = x.float() @ router.weight.t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+        assert torch.nn.functional.linear(x.float(), router.weight).dtype == torch.bfloat16  # autocast is on
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------------------------------------------- injection
