@@ -1,0 +1,132 @@
+"""Shared helpers of the benchmark scripts: interleaved timing, medians, peak-RSS measurement, machine notes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def round_robin(
+    arms: dict[str, Callable[[], object]], reps: int, warmup: int = 1, log: Callable[[str], None] | None = None
+) -> dict[str, list[float]]:
+    """Time each arm ``reps`` times, interleaving the arms in every repetition (so a load drift on the shared machine
+    hits all arms alike), after ``warmup`` untimed interleaved rounds. Returns seconds per call, per arm."""
+    for _ in range(warmup):
+        for fn in arms.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for rep in range(reps):
+        for name, fn in arms.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        if log:
+            log(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{n}={t[-1]:.3f}s" for n, t in times.items()))
+    return times
+
+
+def max_rss_mb() -> float:
+    """High-water mark of this process's resident set (``ru_maxrss``; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _status_mb(field_name: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float:
+    """Resident set now (``VmRSS``), or the high-water mark where /proc is missing."""
+    value = _status_mb("VmRSS")
+    return max_rss_mb() if value is None else value
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter ``VmHWM`` (Linux >= 4.0: write 5 to clear_refs); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_mb("VmHWM") is not None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set since the last :func:`reset_peak_rss` (``VmHWM``), else ``ru_maxrss``."""
+    value = _status_mb("VmHWM")
+    return max_rss_mb() if value is None else value
+
+
+def run_json_subprocess(args: list[str], timeout: float = 900.0) -> dict:
+    """Run ``python <args>`` in a fresh process and parse the last stdout line as JSON."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"subprocess {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_note() -> dict:
+    """Date, host facts and the load average at the time of the run (the machine is shared)."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": _cpu_name(),
+        "loadavg_1_5_15": [round(x, 2) for x in load],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def fmt_params(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

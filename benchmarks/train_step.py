@@ -1,0 +1,570 @@
+"""Speed and memory of one training step: dense, LoRA, vanilla upcycling, Mixtral and DeRS arms of one Llama shape.
+
+Three parts, every timing a median of interleaved repetitions after warm-up (arms round-robin, so load drifts on the
+shared machine hit all arms alike):
+
+1. ``layer``: one FFN layer alone, forward + backward (dense LlamaMLP, DeRS-LM fast path, DeRS-LM generic
+   stacked-and-masked path, a factorised per-expert loop, vanilla DeRS "full", transformers' Mixtral block in its
+   eager per-expert loop and its default experts implementation).
+2. ``step``: whole-model forward + backward + AdamW step, in two groups (each with the dense arm as reference).
+3. ``memory``: each arm in its own subprocess; peak RSS growth (``ru_maxrss``) from before the model is built to
+   after three training steps, and from the built model to after the steps.
+
+Usage: ``python benchmarks/train_step.py [--quick] [--out-dir docs] [--threads 1]``. Writes
+``benchmarks_train_step.json``, ``benchmarks_train_step_tables.md`` and ``benchmarks_train_step.png`` into the
+output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import ders_peft  # noqa: E402
+from ders_peft import functional  # noqa: E402
+from ders_peft.layer import DeRSLayer  # noqa: E402
+from ders_peft.routing import route  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 512
+    intermediate: int = 1408
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 2048
+    seq: int = 256
+    batch: int = 4
+    layer_tokens: int = 2048
+
+
+QUICK_SHAPE = Shape(
+    hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=256, seq=32, batch=2, layer_tokens=128
+)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration: ``kind`` in dense / lora / ders / mixtral, with its settings."""
+
+    name: str
+    kind: str
+    num_experts: int = 4
+    top_k: int = 2
+    delta_type: str = "lowrank"
+    rank: int = 4
+    sparse_rate: float = 0.9999
+    shared_expert: bool = False
+    train_base: bool = True
+    lora_rank: int = 0
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def ders_arm(delta_type: str, n: int = 4, k: int = 2, rank: int = 4, rate: float = 0.9999, shared: bool = False,
+             train_base: bool = True) -> Arm:  # fmt: skip
+    tag = {"lowrank": f"lm_r{rank}", "sparse": f"sm_{rate}", "full": "full"}[delta_type]
+    name = f"ders_{tag}_N{n}k{k}" + ("_shared" if shared else "") + ("" if train_base else "_frozenbase")
+    return Arm(name, "ders", n, k, delta_type, rank, rate, shared, train_base)
+
+
+def mixtral_arm(n: int = 4, k: int = 2, eager: bool = False) -> Arm:
+    return Arm(f"mixtral_N{n}k{k}" + ("_eager" if eager else ""), "mixtral", n, k, "full", extra={"eager": eager})
+
+
+def main_group(lora_rank: int) -> list[Arm]:
+    return [
+        Arm("dense_full_ft", "dense"),
+        Arm(f"dense_lora_r{lora_rank}", "lora", lora_rank=lora_rank),
+        Arm("dense_lora_r16", "lora", lora_rank=16),
+        ders_arm("full"),
+        mixtral_arm(),
+        mixtral_arm(eager=True),
+        *[ders_arm("lowrank", rank=r) for r in (1, 4, 16)],
+        ders_arm("lowrank", rank=4, train_base=False),
+        *[ders_arm("sparse", rate=p) for p in (0.9999, 0.999, 0.9)],
+    ]
+
+
+def grid_group() -> list[Arm]:
+    arms = [Arm("dense_full_ft", "dense")]
+    for n in (4, 8):
+        for k in (1, 2):
+            arms += [ders_arm("lowrank", n, k), ders_arm("lowrank", n, k, shared=True), ders_arm("full", n, k)]
+            arms.append(mixtral_arm(n, k))
+    return arms
+
+
+def quick_groups(lora_rank: int) -> tuple[list[Arm], list[Arm]]:
+    main = [
+        Arm("dense_full_ft", "dense"),
+        Arm(f"dense_lora_r{lora_rank}", "lora", lora_rank=lora_rank),
+        ders_arm("full"),
+        mixtral_arm(),
+        ders_arm("lowrank", rank=4),
+        ders_arm("sparse", rate=0.999),
+    ]
+    return main, [Arm("dense_full_ft", "dense"), ders_arm("lowrank", 4, 1, shared=True)]
+
+
+# ---------------------------------------------------------------------------------------------------- model building
+def llama_config(shape: Shape) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.seq,
+        tie_word_embeddings=False,
+    )
+
+
+def mixtral_config(shape: Shape, n: int, k: int, experts_impl: str | None = None) -> transformers.MixtralConfig:
+    """Mixtral of the same shape; ``experts_impl`` None keeps transformers' default experts implementation."""
+    cfg = transformers.MixtralConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.seq,
+        tie_word_embeddings=False,
+        num_local_experts=n,
+        num_experts_per_tok=k,
+    )
+    if experts_impl is not None:
+        cfg._experts_implementation = experts_impl
+    return cfg
+
+
+def dense_param_count(shape: Shape) -> int:
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(llama_config(shape))
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(arm: Arm, shape: Shape) -> tuple[torch.nn.Module, list[torch.nn.Parameter], int]:
+    """Model of ``arm`` (train mode), its trainable parameters and the parameters it adds to the dense model."""
+    torch.manual_seed(0)
+    if arm.kind == "mixtral":
+        impl = "eager" if arm.extra.get("eager") else None
+        model = transformers.MixtralForCausalLM(mixtral_config(shape, arm.num_experts, arm.top_k, impl))
+        for name, p in model.named_parameters():  # like DeRS "full": experts and router train, the rest is frozen
+            p.requires_grad_(".mlp." in name)
+        added = sum(p.numel() for p in model.parameters()) - dense_param_count(shape)
+    else:
+        model = transformers.LlamaForCausalLM(llama_config(shape))
+        added = 0
+        if arm.kind == "lora":
+            import peft
+
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            cfg = peft.LoraConfig(r=arm.lora_rank, lora_alpha=arm.lora_rank, target_modules=targets)
+            model = peft.get_peft_model(model, cfg)
+            added = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        elif arm.kind == "ders":
+            cfg = ders_peft.DeRSConfig(
+                target_modules=["mlp"],
+                num_experts=arm.num_experts,
+                top_k=arm.top_k,
+                delta_type=arm.delta_type,
+                rank=arm.rank,
+                sparse_rate=arm.sparse_rate,
+                shared_expert=arm.shared_expert,
+                train_base=arm.train_base,
+            )
+            model = _peft(model, cfg)
+            added = ders_peft.parameter_report(model).added_params
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad], added
+
+
+def _peft(model, cfg):
+    import peft
+
+    return peft.get_peft_model(model, cfg)
+
+
+def lora_rank_matching(shape: Shape, target: int) -> int:
+    """LoRA rank (on all seven linear projections) whose trainable count is closest to ``target``."""
+    kv_dim = shape.hidden * shape.kv_heads // shape.heads
+    per_layer = 2 * (2 * shape.hidden) + 2 * (shape.hidden + kv_dim) + 3 * (shape.hidden + shape.intermediate)
+    per_rank = per_layer * shape.layers
+    return max(1, min(shape.hidden, round(target / per_rank)))
+
+
+def make_step(model: torch.nn.Module, params: list[torch.nn.Parameter], shape: Shape):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------- layer part
+def factorised_loop_ffn(layer: DeRSLayer, x: torch.Tensor) -> torch.Tensor:
+    """Alternative layout of the same low-rank SwiGLU layer: base projections once per token, then a loop over
+    experts on the slots routed to each (gathered rows, per-expert ``(x A_e^T) B_e^T``, ``index_add`` back)."""
+    adapter = layer.active_adapters[0]
+    cfg = layer.ders_settings[adapter]
+    deltas = layer.ders_delta[adapter]
+    gate_d, up_d, down_d = deltas["gate_proj"], deltas["up_proj"], deltas["down_proj"]
+    wg, wu, wd = (layer.base_weight(adapter, n) for n in ("gate_proj", "up_proj", "down_proj"))
+    plan, _ = route(layer.ders_router[adapter](x), cfg.top_k, cfg.normalize_top_k, cfg.shared_expert)
+    E, r, S = gate_d.num_experts, gate_d.rank, plan.num_slots
+    order, _, counts = plan.sorted_slots()
+    tokens = order // S
+    slot_w = plan.weights.reshape(-1).index_select(0, order).to(x.dtype)
+    gb, ub = x @ wg.t(), x @ wu.t()
+    mixed = torch.zeros_like(gb)
+    y = torch.zeros_like(x)
+
+    def factors(d):
+        return d.lora_a.weight.view(E, r, -1), d.lora_b.weight.view(d.out_features, E, r)
+
+    (ag, bg), (au, bu), (ad, bd) = factors(gate_d), factors(up_d), factors(down_d)
+    for e, (tok, w) in enumerate(zip(tokens.split(counts), slot_w.split(counts), strict=True)):
+        if not counts[e]:
+            continue
+        xe = x.index_select(0, tok)
+        g = gb.index_select(0, tok) + (xe @ ag[e].t()) @ bg[:, e].t()
+        u = ub.index_select(0, tok) + (xe @ au[e].t()) @ bu[:, e].t()
+        h = torch.nn.functional.silu(g) * u * w.unsqueeze(-1)
+        mixed = mixed.index_add(0, tok, h)
+        y = y.index_add(0, tok, (h @ ad[e].t()) @ bd[:, e].t())
+    return y + mixed @ wd.t()
+
+
+def layer_part(shape: Shape, reps: int, warmup: int, log) -> dict:
+    """One FFN layer alone, forward + backward, ``layer_tokens`` tokens, N=4, top-2, r=4."""
+    cfg = llama_config(replace(shape, layers=1))
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(cfg).model.layers[0].mlp.train()
+    lm_cfg = ders_peft.DeRSConfig(target_modules=["mlp"], num_experts=4, top_k=2, rank=4)
+    ders_model = _peft(transformers.LlamaForCausalLM(cfg), lm_cfg)
+    lm = next(m for m in ders_model.modules() if isinstance(m, DeRSLayer)).train()
+    full_model = _peft(
+        transformers.LlamaForCausalLM(cfg),
+        ders_peft.DeRSConfig(target_modules=["mlp"], num_experts=4, top_k=2, delta_type="full"),
+    )
+    full = next(m for m in full_model.modules() if isinstance(m, DeRSLayer)).train()
+    mix_default = transformers.MixtralForCausalLM(mixtral_config(replace(shape, layers=1), 4, 2))
+    mix_default_impl = mix_default.config._experts_implementation
+    mix_default = mix_default.model.layers[0].mlp.train()
+    mix_eager = transformers.MixtralForCausalLM(mixtral_config(replace(shape, layers=1), 4, 2, "eager"))
+    mix_eager = mix_eager.model.layers[0].mlp.train()
+    with torch.no_grad():  # non-zero deltas, so every path computes something real
+        gen = torch.Generator().manual_seed(2)
+        for p in lm.ders_delta.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    x = torch.randn(shape.layer_tokens, shape.hidden, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    x3 = x.detach().view(1, -1, shape.hidden).requires_grad_()
+
+    with torch.no_grad():  # the alternative layouts compute the same function
+        ref = lm(x)
+        functional_fast = functional._lowrank_fast_path
+        functional._lowrank_fast_path = lambda *a: False
+        generic = lm(x)
+        functional._lowrank_fast_path = functional_fast
+        loop = factorised_loop_ffn(lm, x)
+    max_err = max(float((generic - ref).abs().max()), float((loop - ref).abs().max()))
+    log(f"layer paths agree to {max_err:.2e}")
+
+    def fwd_bwd(fn):
+        def run():
+            out = fn()
+            out.float().pow(2).mean().backward()
+
+        return run
+
+    def generic_path():
+        saved = functional._lowrank_fast_path
+        functional._lowrank_fast_path = lambda *a: False
+        try:
+            return lm(x)
+        finally:
+            functional._lowrank_fast_path = saved
+
+    arms = {
+        "dense_ffn": fwd_bwd(lambda: dense(x)),
+        "ders_lm_fast": fwd_bwd(lambda: lm(x)),
+        "ders_lm_stacked_masked": fwd_bwd(generic_path),
+        "ders_lm_factorised_loop": fwd_bwd(lambda: factorised_loop_ffn(lm, x)),
+        "ders_full_loop": fwd_bwd(lambda: full(x)),
+        f"mixtral_block_{mix_default_impl}": fwd_bwd(lambda: mix_default(x3)),
+    }
+    if mix_default_impl != "eager":
+        arms["mixtral_block_eager"] = fwd_bwd(lambda: mix_eager(x3))
+    times = _common.round_robin(arms, reps, warmup, log)
+    base = _common.median(times["dense_ffn"])
+    return {
+        "tokens": shape.layer_tokens,
+        "config": "N=4, top_k=2, r=4, train_base=True, SwiGLU",
+        "max_abs_diff_between_lowrank_paths": max_err,
+        "times_s": times,
+        "median_s": {k: _common.median(v) for k, v in times.items()},
+        "ratio_to_dense": {k: _common.median(v) / base for k, v in times.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- step part
+def step_part(groups: dict[str, list[Arm]], shape: Shape, reps: int, warmup: int, log) -> dict:
+    out = {}
+    for group, arms in groups.items():
+        log(f"group {group}: {len(arms)} arms")
+        built, info = {}, {}
+        for arm in arms:
+            model, params, added = build(arm, shape)
+            built[arm.name] = make_step(model, params, shape)
+            info[arm.name] = {
+                "arm": asdict(arm),
+                "added_params": added,
+                "trainable_params": sum(p.numel() for p in params),
+            }
+        times = _common.round_robin(built, reps, warmup, log)
+        base = _common.median(times["dense_full_ft"])
+        for name in built:
+            info[name].update(
+                times_s=times[name],
+                median_s=_common.median(times[name]),
+                ratio_to_dense=_common.median(times[name]) / base,
+            )
+        out[group] = info
+        del built
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- memory part
+def memory_child(arm: Arm, shape: Shape, steps: int = 3) -> dict:
+    """Run in a fresh process: resident set before building the model, then its peak while building and training.
+
+    The kernel's peak-RSS counter (VmHWM) is reset just before building, so transient import-time peaks do not
+    hide the training peak; without that facility ``ru_maxrss`` is used (then import peaks can mask small arms).
+    """
+    rss_start = _common.current_rss_mb()
+    exact = _common.reset_peak_rss()
+    model, params, _ = build(arm, shape)
+    step = make_step(model, params, shape)
+    rss_built = _common.current_rss_mb()
+    for _ in range(steps):
+        step()
+    peak = _common.peak_rss_mb()
+    return {
+        "arm": arm.name,
+        "rss_start_mb": rss_start,
+        "peak_over_start_mb": peak - rss_start,
+        "training_growth_mb": peak - rss_built,
+        "model_mb": rss_built - rss_start,
+        "peak_counter": "VmHWM reset before build" if exact else "ru_maxrss",
+    }
+
+
+def memory_part(arms: list[Arm], shape: Shape, threads: int, log) -> dict:
+    out = {}
+    for arm in arms:
+        args = [str(Path(__file__).resolve()), "--memory-arm", arm.name, "--threads", str(threads)]
+        args += ["--shape", ",".join(f"{k}={v}" for k, v in asdict(shape).items())]
+        res = _common.run_json_subprocess(args)
+        log(f"memory {arm.name}: peak over start {res['peak_over_start_mb']:.0f} MB")
+        out[arm.name] = res
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def targets(results: dict, lora_name: str) -> list[dict]:
+    main = results["step"]["main"]
+    lm = "ders_lm_r4_N4k2"
+    t = {name: d["median_s"] for name, d in main.items()}
+    rows = [
+        ("whole step: DeRS-LM N4 k2 r4 / dense full FT", t[lm] / t["dense_full_ft"], 1.3),
+        ("whole step: DeRS-LM / DeRS full (vanilla)", t[lm] / t["ders_full_N4k2"], 0.8),
+        ("whole step: DeRS-LM / MixtralForCausalLM", t[lm] / t["mixtral_N4k2"], 0.8),
+        ("FFN layer: DeRS-LM fast / dense FFN", results["layer"]["ratio_to_dense"]["ders_lm_fast"], 1.4),
+    ]
+    mem = results.get("memory", {})
+    if lm in mem and lora_name in mem and mem[lora_name]["peak_over_start_mb"] > 0:
+        ref = mem[lora_name]["peak_over_start_mb"]
+        rows.append(("peak memory: DeRS-LM (train_base) / dense+LoRA", mem[lm]["peak_over_start_mb"] / ref, 1.15))
+        fb = lm + "_frozenbase"
+        if fb in mem:
+            rows.append(("peak memory: DeRS-LM (frozen base) / dense+LoRA", mem[fb]["peak_over_start_mb"] / ref, 1.15))
+    return [{"what": w, "measured": round(v, 3), "target": t, "met": v <= t} for w, v, t in rows]
+
+
+def tables(results: dict) -> str:
+    parts = []
+    layer = results["layer"]
+    parts.append(f"### FFN layer alone, forward + backward ({layer['tokens']} tokens, {layer['config']})\n")
+    parts.append(
+        _common.markdown_table(
+            ["path", "median s", "x dense FFN"],
+            [[k, f"{layer['median_s'][k]:.3f}", f"{layer['ratio_to_dense'][k]:.2f}"] for k in layer["median_s"]],
+        )
+    )
+    mem = results.get("memory", {})
+    for group, info in results["step"].items():
+        parts.append(f"\n### Whole-model training step, group `{group}`\n")
+        rows = []
+        for name, d in info.items():
+            m = mem.get(name)
+            rows.append(
+                [
+                    name,
+                    _common.fmt_params(d["added_params"]),
+                    _common.fmt_params(d["trainable_params"]),
+                    f"{d['median_s']:.3f}",
+                    f"{d['ratio_to_dense']:.2f}",
+                    f"{m['peak_over_start_mb']:.0f}" if m else "-",
+                    f"{m['training_growth_mb']:.0f}" if m else "-",
+                ]
+            )
+        header = ["arm", "added", "trainable", "median step s", "x dense", "peak MB", "train growth MB"]
+        parts.append(_common.markdown_table(header, rows))
+    parts.append("\n### Targets\n")
+    parts.append(
+        _common.markdown_table(
+            ["ratio", "measured", "target", "met"],
+            [[t["what"], t["measured"], f"<= {t['target']}", "yes" if t["met"] else "NO"] for t in results["targets"]],
+        )
+    )
+    return "\n".join(parts) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    info = results["step"]["main"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {"dense": "black", "lora": "tab:gray", "ders": "tab:blue", "mixtral": "tab:red"}
+    for name, d in info.items():
+        kind = d["arm"]["kind"]
+        color = "tab:orange" if d["arm"]["delta_type"] == "full" and kind == "ders" else colors[kind]
+        x = max(d["added_params"], 1)
+        ax.scatter(x, d["median_s"], color=color)
+        ax.annotate(name, (x, d["median_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("added parameters (log; dense full FT plotted at 1)")
+    ax.set_ylabel("median training step (s)")
+    shape = results["shape"]
+    ax.set_title(
+        f"Training step vs added parameters (hidden {shape['hidden']}, {shape['layers']} blocks, "
+        f"{shape['batch']}x{shape['seq']} tokens)",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def all_arms(groups: dict[str, list[Arm]]) -> dict[str, Arm]:
+    return {a.name: a for arms in groups.values() for a in arms}
+
+
+def parse_shape(text: str) -> Shape:
+    kw = dict(item.split("=") for item in text.split(","))
+    return Shape(**{k: int(v) for k, v in kw.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shape, few arms, two repetitions (CI smoke run)")
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see docs)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per arm (default 5, quick 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed interleaved rounds (default 1)")
+    ap.add_argument("--parts", default="layer,step,memory", help="comma list of layer,step,memory")
+    ap.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shape = parse_shape(args.shape) if args.shape else (QUICK_SHAPE if args.quick else Shape())
+
+    lm_trainable = build(ders_arm("lowrank"), shape)[1] if not args.memory_arm else []
+    lora_rank = lora_rank_matching(shape, sum(p.numel() for p in lm_trainable)) if lm_trainable else 0
+    if args.memory_arm:  # child process of the memory part
+        lora_rank = int(args.memory_arm.rsplit("_r", 1)[1]) if args.memory_arm.startswith("dense_lora_r") else 0
+        groups = {"main": main_group(lora_rank), "grid": grid_group()}
+        arms = all_arms(groups)
+        arm = arms.get(args.memory_arm) or Arm(args.memory_arm, "lora", lora_rank=lora_rank)
+        print(__import__("json").dumps(memory_child(arm, shape)))
+        return 0
+
+    if args.quick:
+        main_arms, grid = quick_groups(lora_rank)
+        groups = {"main": main_arms, "grid": grid}
+    else:
+        groups = {"main": main_group(lora_rank), "grid": grid_group()}
+    reps = args.reps or (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 1
+    parts = set(args.parts.split(","))
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+    results: dict = {
+        "command": "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine_start": _common.machine_note(),
+        "shape": asdict(shape),
+        "reps": reps,
+        "warmup": warmup,
+        "lora_rank_matched": lora_rank,
+        "memory_method": (
+            "each arm in a fresh subprocess; peak resident set (VmHWM, reset just before the model is built) over "
+            "3 training steps, minus the resident set before building (= weights + grads + AdamW states + "
+            "activations + allocator slack): peak_over_start; the same minus the resident set after building: "
+            "training_growth"
+        ),
+    }
+    if "layer" in parts:
+        log("layer part")
+        results["layer"] = layer_part(shape, reps, warmup, log)
+    if "step" in parts:
+        log("step part")
+        results["step"] = step_part(groups, shape, reps, warmup, log)
+    if "memory" in parts:
+        log("memory part")
+        mem_arms = [a for a in all_arms(groups).values()]
+        if args.quick:
+            mem_arms = [a for a in mem_arms if a.name == "ders_lm_r4_N4k2"]  # one subprocess keeps CI short
+        results["memory"] = memory_part(mem_arms, shape, args.threads, log)
+    if {"layer", "step"} <= parts:
+        results["targets"] = targets(results, f"dense_lora_r{lora_rank}")
+    results["machine_end"] = _common.machine_note()
+    results["wall_s"] = time.time() - t0
+    out = args.out_dir
+    _common.write_json(out / "benchmarks_train_step.json", results)
+    if {"layer", "step"} <= parts:
+        (out / "benchmarks_train_step_tables.md").write_text(tables(results))
+        plot(results, out / "benchmarks_train_step.png")
+        print(tables(results))
+    log(f"wrote {out / 'benchmarks_train_step.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
