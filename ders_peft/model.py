@@ -57,7 +57,14 @@ class DeRSModel(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         # A PeftModel without task_type (what SFTTrainer builds from a bare DeRSConfig) calls the transformers model
         # directly, bypassing DeRSModel.forward: capture the attention mask with a hook on that model instead.
-        self.model.register_forward_pre_hook(_AttentionMaskCapture(self.runtime), with_kwargs=True)
+        self._mask_hook = self.model.register_forward_pre_hook(_AttentionMaskCapture(self.runtime), with_kwargs=True)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        # the returned model must be plain: drop the attention-mask hook once no DeRS layer is left
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        if not any(isinstance(m, DeRSLayer) for m in self.model.modules()):
+            self._mask_hook.remove()
+        return model
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: DeRSConfig, model_config: dict) -> DeRSConfig:

@@ -213,3 +213,12 @@ def test_low_cpu_mem_usage_load_is_exact(delta_type, tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_model("phi"), tmp_path, low_cpu_mem_usage=True)
     assert {t.device.type for t in [*reloaded.parameters(), *reloaded.buffers()]} == {"cpu"}
     assert (logits(reloaded) - want).abs().max().item() == 0.0
+
+
+def test_unload_leaves_no_ders_hook():
+    """unload() returns a plain model: no DeRS layer and no attention-mask capture hook left behind."""
+    peft_model = get_peft_model(tiny_model("llama"), ders_peft.DeRSConfig(num_experts=2, top_k=1))
+    assert len(peft_model.base_model.model._forward_pre_hooks) == 1
+    plain = peft_model.unload()
+    assert not plain._forward_pre_hooks
+    assert not any(isinstance(m, ders_peft.DeRSLayer) for m in plain.modules())
