@@ -1,0 +1,789 @@
+"""Quality on real text: continued training of a small pretrained Llama on a held-apart code domain, per method.
+
+The base is :func:`ders_peft.local_corpus.pretrained_base` (a tiny Llama + byte-level BPE tokenizer pretrained on the
+``pydoc_data`` documentation and most of the standard library's source; cached on disk). The new domain is the source
+of :data:`ders_peft.local_corpus.CODE_DOMAIN_PACKAGES` (``asyncio``, ``email``, ``json``, ...), never seen in
+pretraining, split by file into train / validation / test.
+
+Every arm gets the same continued-training run: the same token budget, the same batches in the same order (per seed),
+the same AdamW schedule (:func:`ders_peft.local_corpus.pretrain`: linear warm-up, cosine decay, clipping), the same
+base learning rate. Arms: dense full fine-tuning, LoRA on the MLP (rank matched to DeRS-LM r=4's added parameters, and
+to its trainable parameters), vanilla upcycling, DeRS-LM r=1 / r=4, DeRS-SM 0.999 / 0.9, DeRS-LM with a frozen base,
+extended DeRS (universal FFN). Hyper-parameters are chosen on the validation split only, in three stages:
+
+1. the base learning rate, on dense fine-tuning;
+2. the multiplier of the new parameters: ``delta_scale`` for DeRS-LM (on r=4) and DeRS-SM (on 0.9), LoRA's
+   ``alpha / r`` (on the added-matched LoRA); under Adam each acts as a learning-rate multiplier of those tensors;
+   the sibling arms of a family (LM r=1, frozen-base LM, extended LM; SM 0.999; trainable-matched LoRA) reuse it;
+3. every arm with every seed at the chosen settings (the seed-0 runs of stages 1-2 are reused, not rerun).
+
+Each run executes in its own subprocess (``--jobs`` at a time, each with ``--threads`` torch threads), so the peak
+resident set (VmHWM, reset just before the model is built) is that run's alone. Reported per arm: held-out test loss
+and perplexity (mean and spread over seeds), validation loss, added / trainable parameters (``parameter_report``),
+tokens per second of wall-clock and of process CPU time, peak RSS. Finished runs are stored under the cache directory
+and reused on a rerun with identical settings (``--fresh`` ignores them). The "added parameters" ratio of vanilla
+upcycling to DeRS-LM is also computed at real model sizes from models built on the meta device.
+
+Usage: ``python benchmarks/quality.py [--quick] [--out docs/benchmarks_quality.json] [--jobs 2] [--threads 1]``.
+Writes the JSON of raw results and a PNG plot (held-out loss vs added parameters) next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import ders_peft  # noqa: E402
+from ders_peft import local_corpus as lc  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+_FORMAT = 1  # bump when a change would make stored runs incomparable
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings and arms
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines the benchmark's numbers (hashed into the run-store key)."""
+
+    base: dict = field(default_factory=lambda: {"steps": 300, "seq_len": 128, "hidden_size": 128, "num_layers": 4})
+    seq_len: int = 128
+    batch_size: int = 8
+    steps: int = 200
+    num_experts: int = 8
+    top_k: int = 2
+    train_chars: int | None = None  # None: the whole train split
+    max_eval_blocks: int | None = None  # None: the whole validation / test split
+    split_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1)
+    lr_grid: tuple[float, ...] = (5e-4, 1e-3, 2e-3)
+    scale_grid: tuple[float, ...] = (1.0, 4.0, 16.0)
+    weight_decay: float = 0.0
+
+    @property
+    def tokens_per_run(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
+
+QUICK = Settings(
+    base={
+        "steps": 10,
+        "seq_len": 64,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "max_chars": 200_000,
+        "vocab_size": 512,
+        "batch_size": 8,
+    },
+    seq_len=64,
+    batch_size=4,
+    steps=3,
+    num_experts=4,
+    train_chars=60_000,
+    max_eval_blocks=8,
+    seeds=(0,),
+    lr_grid=(1e-3,),
+    scale_grid=(1.0, 4.0),
+)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One method. ``family`` names the multiplier sweep it uses ("" = none: only the base learning rate)."""
+
+    name: str
+    label: str
+    kind: str  # "dense" | "lora" | "ders"
+    family: str = ""
+    ders: tuple[tuple[str, object], ...] = ()  # DeRSConfig keyword arguments (besides N, top-k, seed, delta_scale)
+    lora_match: str = ""  # "added" | "trainable": match DeRS-LM r=4's count of that kind
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("dense", "Dense full fine-tuning", "dense"),
+    Arm("lora_added", "LoRA (MLP), added-matched", "lora", "lora", lora_match="added"),
+    Arm("lora_trainable", "LoRA (MLP), trainable-matched", "lora", "lora", lora_match="trainable"),
+    Arm("vanilla", "Vanilla upcycling", "ders", "", (("delta_type", "full"),)),
+    Arm("lm_r1", "DeRS-LM r=1", "ders", "lm", (("delta_type", "lowrank"), ("rank", 1))),
+    Arm("lm_r4", "DeRS-LM r=4", "ders", "lm", (("delta_type", "lowrank"), ("rank", 4))),
+    Arm("sm_0.999", "DeRS-SM 0.999", "ders", "sm", (("delta_type", "sparse"), ("sparse_rate", 0.999))),
+    Arm("sm_0.9", "DeRS-SM 0.9", "ders", "sm", (("delta_type", "sparse"), ("sparse_rate", 0.9))),
+    Arm(
+        "lm_r4_frozen",
+        "DeRS-LM r=4, frozen base",
+        "ders",
+        "lm",
+        (("delta_type", "lowrank"), ("rank", 4), ("train_base", False)),
+    ),
+    Arm(
+        "ext_lm_r4",
+        "Extended DeRS-LM r=4 (universal FFN)",
+        "ders",
+        "lm",
+        (("delta_type", "lowrank"), ("rank", 4), ("shared_expert", True)),
+    ),
+)
+ARM_BY_NAME = {arm.name: arm for arm in ARMS}
+#: The arm each multiplier sweep is run on; the rest of the family reuses the choice.
+SWEEP_ARM = {"lm": "lm_r4", "sm": "sm_0.9", "lora": "lora_added"}
+LR_SWEEP_ARM = "dense"
+REFERENCE_LM = "lm_r4"  # LoRA ranks are matched to this arm's counts
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    arm: str
+    seed: int
+    lr: float
+    scale: float = 1.0  # delta_scale (DeRS) or alpha / r (LoRA); unused for dense and vanilla
+    lora_rank: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}-s{self.seed}-lr{self.lr:g}-x{self.scale:g}-r{self.lora_rank}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and parameter counts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ders_config(arm: Arm, settings: Settings, seed: int, scale: float) -> ders_peft.DeRSConfig:
+    kwargs = dict(arm.ders)
+    if kwargs.get("delta_type") != "full":
+        kwargs["delta_scale"] = scale
+    return ders_peft.DeRSConfig(
+        target_modules=["mlp"],
+        num_experts=settings.num_experts,
+        top_k=settings.top_k,
+        seed=seed,
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+def lora_params_per_rank(config: transformers.LlamaConfig) -> int:
+    """LoRA parameters per unit of rank on the three MLP projections of every block: r * (in + out) each."""
+    h, i = config.hidden_size, config.intermediate_size
+    return config.num_hidden_layers * 3 * (h + i)
+
+
+def lora_rank_for(config: transformers.LlamaConfig, target: int) -> int:
+    """The LoRA rank whose MLP LoRA has the parameter count closest to ``target`` (capped at full rank)."""
+    full_rank = min(config.hidden_size, config.intermediate_size)
+    return max(1, min(full_rank, round(target / lora_params_per_rank(config))))
+
+
+def build_model(base: torch.nn.Module, arm: Arm, spec: RunSpec, settings: Settings) -> torch.nn.Module:
+    """The trainable model of an arm (``base`` is modified in place by peft for LoRA/DeRS)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(spec.seed)  # LoRA's A initialisation draws from the global generator
+    if arm.kind == "dense":
+        return base
+    if arm.kind == "lora":
+        cfg = LoraConfig(
+            r=spec.lora_rank,
+            lora_alpha=spec.scale * spec.lora_rank,
+            lora_dropout=0.0,
+            target_modules=list(MLP_PROJS),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(base, cfg)
+    return get_peft_model(base, ders_config(arm, settings, spec.seed, spec.scale))
+
+
+def count_params(model: torch.nn.Module, arm: Arm) -> dict:
+    """Added (over the dense model), trainable and stored parameter counts of a built arm."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stored = sum(p.numel() for p in model.parameters())
+    if arm.kind == "ders":
+        report = ders_peft.parameter_report(model)
+        return {
+            "added": report.added_params,
+            "trainable": report.trainable_params,
+            "stored": report.stored_params,
+            "dense": report.dense_params,
+            "index_bytes": report.index_bytes,
+        }
+    added = trainable if arm.kind == "lora" else 0
+    return {"added": added, "trainable": trainable, "stored": stored, "dense": stored - added, "index_bytes": 0}
+
+
+def meta_counts(config: transformers.LlamaConfig, arm: Arm, settings: Settings) -> dict:
+    """Parameter counts of a DeRS arm from a model built on the meta device (nothing allocated)."""
+    from peft import get_peft_model
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model = get_peft_model(model, ders_config(arm, settings, 0, 1.0))
+    return count_params(model, arm)
+
+
+def delta_usage(model: torch.nn.Module, dense_state: dict[str, torch.Tensor]) -> dict:
+    """How far training moved the experts, relative to the dense FFN weights (averaged over layers and matrices).
+
+    ``base_drift``: ||W_base - W_dense|| / ||W_dense|| (the shared base copy; for vanilla the expert mean);
+    ``delta_norm``: mean over experts of ||Delta_e|| / ||W_dense|| (vanilla: ||W_e - mean_e W_e||), i.e. how much the
+    experts differ from what they share.
+    """
+    drift, delta = [], []
+    for name, layer in model.base_model.ders_layers().items():
+        adapter = layer.active_adapters[0]
+        experts = layer.expert_weights(adapter)
+        for proj, weights in experts.items():
+            key = name.removeprefix("base_model.model.") + f".{proj}.weight"
+            w0 = dense_state[key].float()
+            norm0 = w0.norm().item()
+            if layer.ders_delta[adapter][proj].replaces_base:
+                base = weights.mean(0)
+            else:
+                base = layer.base_weight(adapter, proj).detach().float()
+            drift.append((base - w0).norm().item() / norm0)
+            delta.append(sum((w - base).norm().item() for w in weights) / len(weights) / norm0)
+    return {"base_drift": statistics.fmean(drift), "delta_norm": statistics.fmean(delta)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run (inside a worker process, or in-process in quick mode)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_one(spec: RunSpec, settings: Settings, base_dir: str, data_path: str, threads: int) -> dict:
+    """Build the arm on a freshly loaded base, train it, evaluate validation and test loss, measure cost."""
+    torch.set_num_threads(threads)
+    arm = ARM_BY_NAME[spec.arm]
+    data = torch.load(data_path)
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    dense_state = {k: v.detach().clone() for k, v in base.state_dict().items() if "mlp" in k}
+
+    rss_start = _common.current_rss_mb()
+    exact_peak = _common.reset_peak_rss()
+    model = build_model(base, arm, spec, settings)
+    counts = count_params(model, arm)
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    losses = lc.pretrain(
+        model,
+        data["train"],
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=spec.lr,
+        seed=spec.seed,
+        weight_decay=settings.weight_decay,
+    )
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    peak = _common.peak_rss_mb()
+
+    result = {
+        "spec": asdict(spec),
+        "params": counts,
+        "val_loss": lc.evaluate_loss(model, data["val"]),
+        "test_loss": lc.evaluate_loss(model, data["test"]),
+        "train_loss_first": losses[0],
+        "train_loss_last10": statistics.fmean(losses[-10:]),
+        "train_seconds": wall,
+        "train_cpu_seconds": cpu,
+        "tokens_per_s": settings.tokens_per_run / wall,
+        "tokens_per_cpu_s": settings.tokens_per_run / cpu,
+        "rss_start_mb": rss_start,
+        "peak_rss_mb": peak,
+        "peak_over_start_mb": peak - rss_start,
+        "peak_counter": "VmHWM reset before build" if exact_peak else "ru_maxrss",
+        "loadavg_1min": _common.machine_note()["loadavg_1_5_15"][0],
+    }
+    if arm.kind == "ders":
+        result["usage"] = delta_usage(model, dense_state)
+    result["test_ppl"] = math.exp(result["test_loss"])
+    return result
+
+
+def worker_main(spec_path: str) -> None:
+    job = json.loads(Path(spec_path).read_text())
+    settings = settings_from_dict(job["settings"])
+    result = run_one(RunSpec(**job["spec"]), settings, job["base_dir"], job["data_path"], job["threads"])
+    print(json.dumps(result))
+
+
+def settings_from_dict(d: dict) -> Settings:
+    tuples = ("seeds", "lr_grid", "scale_grid")
+    return Settings(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs specs (subprocess per run, or in-process), storing each result as JSON so reruns can skip it."""
+
+    def __init__(self, settings, base_dir, data_path, store: Path, threads, jobs, in_process, fresh, log) -> None:
+        self.settings, self.base_dir, self.data_path = settings, str(base_dir), str(data_path)
+        self.store, self.threads, self.jobs, self.in_process, self.log = store, threads, jobs, in_process, log
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.fresh = fresh
+        self.results: dict[str, dict] = {}
+
+    def _path(self, spec: RunSpec) -> Path:
+        return self.store / f"{spec.key}.json"
+
+    def _run(self, spec: RunSpec) -> dict:
+        if self.in_process:
+            return run_one(spec, self.settings, self.base_dir, self.data_path, self.threads)
+        job = {
+            "spec": asdict(spec),
+            "settings": asdict(self.settings),
+            "base_dir": self.base_dir,
+            "data_path": self.data_path,
+            "threads": self.threads,
+        }
+        job_path = self.store / f"{spec.key}.job.json"
+        job_path.write_text(json.dumps(job))
+        return _common.run_json_subprocess([__file__, "--worker", str(job_path)], timeout=3 * 3600)
+
+    def run(self, specs: list[RunSpec]) -> list[dict]:
+        todo = []
+        for spec in dict.fromkeys(specs):  # unique, in order
+            path = self._path(spec)
+            if spec.key in self.results:
+                continue
+            if path.is_file() and not self.fresh:
+                self.results[spec.key] = json.loads(path.read_text())
+                self.log(f"  {spec.key}: stored (test loss {self.results[spec.key]['test_loss']:.4f})")
+            else:
+                todo.append(spec)
+
+        def one(spec: RunSpec) -> None:
+            start = time.perf_counter()
+            result = self._run(spec)
+            result["run_wall_seconds"] = time.perf_counter() - start
+            _common.write_json(self._path(spec), result)
+            self.results[spec.key] = result
+            self.log(
+                f"  {spec.key}: val {result['val_loss']:.4f} test {result['test_loss']:.4f} "
+                f"({result['train_seconds']:.0f} s train, {result['train_cpu_seconds']:.0f} cpu-s, "
+                f"peak +{result['peak_over_start_mb']:.0f} MB)"
+            )
+
+        if self.in_process or self.jobs <= 1:
+            for spec in todo:
+                one(spec)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
+                for fut in [pool.submit(one, s) for s in todo]:
+                    fut.result()
+        return [self.results[s.key] for s in specs]
+
+
+def choose(results: list[dict], values: list[float]) -> tuple[float, dict[str, float]]:
+    """The value with the lowest validation loss, and the validation loss of every value."""
+    by_value = {f"{v:g}": r["val_loss"] for v, r in zip(values, results)}
+    best = min(zip(values, results), key=lambda vr: vr[1]["val_loss"])[0]
+    return best, by_value
+
+
+def summarize(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
+    }
+
+
+def aggregate(arm: Arm, runs: list[dict]) -> dict:
+    first = runs[0]
+    return {
+        "arm": arm.name,
+        "label": arm.label,
+        "spec": {k: v for k, v in first["spec"].items() if k != "seed"},
+        "seeds": [r["spec"]["seed"] for r in runs],
+        "test_loss": summarize([r["test_loss"] for r in runs]),
+        "test_ppl": summarize([r["test_ppl"] for r in runs]),
+        "val_loss": summarize([r["val_loss"] for r in runs]),
+        "params": first["params"],
+        "tokens_per_s": summarize([r["tokens_per_s"] for r in runs]),
+        "tokens_per_cpu_s": summarize([r["tokens_per_cpu_s"] for r in runs]),
+        "peak_over_start_mb": summarize([r["peak_over_start_mb"] for r in runs]),
+        "peak_rss_mb": summarize([r["peak_rss_mb"] for r in runs]),
+        "usage": _mean_usage(runs),
+    }
+
+
+def _mean_usage(runs: list[dict]) -> dict | None:
+    if "usage" not in runs[0]:
+        return None
+    return {k: statistics.fmean(r["usage"][k] for r in runs) for k in runs[0]["usage"]}
+
+
+REAL_SIZES = {
+    # name: (hidden, intermediate, layers, heads, kv heads, vocab)
+    "StableLM-2-1.6B shape": (2048, 5632, 24, 32, 32, 100352),
+    "Llama-2-7B shape": (4096, 11008, 32, 32, 32, 32000),
+    "Llama-3-8B shape": (4096, 14336, 32, 32, 8, 128256),
+}
+
+
+def real_size_ratios(settings: Settings, base_config: transformers.LlamaConfig) -> list[dict]:
+    """Added parameters of vanilla upcycling vs DeRS-LM r=1 / r=4 (same N, top-k, all blocks) at several sizes."""
+    shapes = {"this benchmark's base": base_config}
+    for name, (h, i, n_layers, heads, kv, vocab) in REAL_SIZES.items():
+        shapes[name] = transformers.LlamaConfig(
+            hidden_size=h,
+            intermediate_size=i,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            vocab_size=vocab,
+        )
+    rows = []
+    for name, config in shapes.items():
+        counts = {a: meta_counts(config, ARM_BY_NAME[a], settings) for a in ("vanilla", "lm_r1", "lm_r4")}
+        rows.append(
+            {
+                "model": name,
+                "hidden": config.hidden_size,
+                "intermediate": config.intermediate_size,
+                "layers": config.num_hidden_layers,
+                "dense_params": counts["vanilla"]["dense"],
+                "vanilla_added": counts["vanilla"]["added"],
+                "lm_r1_added": counts["lm_r1"]["added"],
+                "lm_r4_added": counts["lm_r4"]["added"],
+                "ratio_r1": counts["vanilla"]["added"] / counts["lm_r1"]["added"],
+                "ratio_r4": counts["vanilla"]["added"] / counts["lm_r4"]["added"],
+            }
+        )
+    return rows
+
+
+def goals(arms: dict[str, dict], ratios: list[dict]) -> list[dict]:
+    """The issue's goals, evaluated from the measured numbers."""
+    out = []
+    van = arms["vanilla"]
+    for lm in ("lm_r1", "lm_r4"):
+        gap = (arms[lm]["test_loss"]["mean"] - van["test_loss"]["mean"]) / van["test_loss"]["mean"]
+        ratio = van["params"]["added"] / arms[lm]["params"]["added"]
+        out.append(
+            {
+                "goal": f"{ARM_BY_NAME[lm].label} within 1% of vanilla's test loss",
+                "value": f"{100 * gap:+.2f}%",
+                "met": gap <= 0.01,
+            }
+        )
+        out.append(
+            {
+                "goal": f"{ARM_BY_NAME[lm].label}: >= 500x fewer added parameters than vanilla (this model)",
+                "value": f"{ratio:.0f}x",
+                "met": ratio >= 500,
+            }
+        )
+    for row in ratios[1:]:
+        out.append(
+            {
+                "goal": f">= 500x fewer added parameters at {row['model']} (N, top-k as here)",
+                "value": f"r=1: {row['ratio_r1']:.0f}x, r=4: {row['ratio_r4']:.0f}x",
+                "met": row["ratio_r1"] >= 500,
+            }
+        )
+    for lora in ("lora_trainable", "lora_added"):
+        diff = arms[REFERENCE_LM]["test_loss"]["mean"] - arms[lora]["test_loss"]["mean"]
+        out.append(
+            {
+                "goal": f"{ARM_BY_NAME[REFERENCE_LM].label} better than {ARM_BY_NAME[lora].label}",
+                "value": f"{diff:+.4f} nats (negative = DeRS better)",
+                "met": diff < 0,
+            }
+        )
+    return out
+
+
+def tables(result: dict) -> str:
+    """Markdown tables of the aggregated results."""
+    arms = result["arms"]
+    base = result["base_model"]
+    header = [
+        "arm",
+        "test loss (mean ± sd)",
+        "test ppl",
+        "val loss",
+        "added params",
+        "trainable params",
+        "tokens/s (wall)",
+        "tokens/cpu-s",
+        "peak RSS over start (MB)",
+    ]
+    rows = [
+        [
+            "Base, no continued training",
+            f"{base['test_loss']:.4f}",
+            f"{math.exp(base['test_loss']):.2f}",
+            f"{base['val_loss']:.4f}",
+            "0",
+            "0",
+            "-",
+            "-",
+            "-",
+        ]
+    ]
+    for a in arms.values():
+        t, p = a["test_loss"], a["params"]
+        rows.append(
+            [
+                a["label"],
+                f"{t['mean']:.4f} ± {t['std']:.4f} (n={t['n']})",
+                f"{a['test_ppl']['mean']:.2f}",
+                f"{a['val_loss']['mean']:.4f}",
+                f"{p['added']:,}",
+                f"{p['trainable']:,}",
+                f"{a['tokens_per_s']['mean']:,.0f}",
+                f"{a['tokens_per_cpu_s']['mean']:,.0f}",
+                f"{a['peak_over_start_mb']['mean']:.0f}",
+            ]
+        )
+    parts = ["### Held-out results", _common.markdown_table(header, rows)]
+
+    seed_rows = []
+    for a in arms.values():
+        t = a["test_loss"]
+        seed_rows.append([a["label"], ", ".join(f"{v:.4f}" for v in t["values"]), f"{t['max'] - t['min']:.4f}"])
+    parts += ["### Per-seed test loss", _common.markdown_table(["arm", "test loss per seed", "range"], seed_rows)]
+
+    sweep_rows = []
+    for stage, info in result["selection"].items():
+        vals = ", ".join(f"{k}: {v:.4f}" for k, v in info["val_loss"].items())
+        sweep_rows.append([stage, info["arm"], vals, f"{info['chosen']:g}"])
+    parts += [
+        "### Selection on the validation split (seed 0)",
+        _common.markdown_table(["knob", "swept on", "val loss per value", "chosen"], sweep_rows),
+    ]
+
+    usage_rows = [
+        [a["label"], f"{a['usage']['base_drift']:.4f}", f"{a['usage']['delta_norm']:.4f}"]
+        for a in arms.values()
+        if a["usage"]
+    ]
+    parts += [
+        "### How far training moved the experts (relative Frobenius norms, mean over layers and matrices)",
+        _common.markdown_table(["arm", "shared base drift", "expert delta norm"], usage_rows),
+    ]
+
+    ratio_rows = [
+        [
+            r["model"],
+            f"{r['hidden']}/{r['intermediate']}/{r['layers']}",
+            _common.fmt_params(r["dense_params"]),
+            _common.fmt_params(r["vanilla_added"]),
+            _common.fmt_params(r["lm_r1_added"]),
+            _common.fmt_params(r["lm_r4_added"]),
+            f"{r['ratio_r1']:.0f}x",
+            f"{r['ratio_r4']:.0f}x",
+        ]
+        for r in result["real_size_ratios"]
+    ]
+    parts += [
+        "### Added parameters, vanilla vs DeRS-LM, at other sizes (meta device, same N and top-k, every block)",
+        _common.markdown_table(
+            [
+                "model",
+                "hidden/inter./layers",
+                "dense",
+                "vanilla added",
+                "LM r=1 added",
+                "LM r=4 added",
+                "ratio r=1",
+                "ratio r=4",
+            ],
+            ratio_rows,
+        ),
+    ]
+    goal_rows = [[g["goal"], g["value"], "yes" if g["met"] else "no"] for g in result["goals"]]
+    parts += ["### Goals", _common.markdown_table(["goal", "measured", "met"], goal_rows)]
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    colors = {"lora": "tab:orange", "ders": "tab:blue", "dense": "tab:gray"}
+    for a in result["arms"].values():
+        arm = ARM_BY_NAME[a["arm"]]
+        t = a["test_loss"]
+        if arm.kind == "dense":
+            ax.axhline(t["mean"], color="tab:gray", ls="--", lw=1, label=f"{a['label']} (adds 0)")
+            continue
+        color = "tab:red" if arm.name == "vanilla" else colors[arm.kind]
+        err = [[t["mean"] - t["min"]], [t["max"] - t["mean"]]]
+        ax.errorbar(a["params"]["added"], t["mean"], yerr=err, fmt="o", color=color, capsize=3)
+        ax.annotate(
+            a["label"], (a["params"]["added"], t["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7
+        )
+    ax.axhline(result["base_model"]["test_loss"], color="black", ls=":", lw=1, label="base, no continued training")
+    ax.set_xscale("log")
+    ax.set_xlabel("added parameters (log scale)")
+    ax.set_ylabel("held-out test loss (nats/token)")
+    s = result["settings"]
+    ax.set_title(
+        f"Continued training on held-apart stdlib code: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} "
+        f"tokens,\nN={s['num_experts']} top-{s['top_k']}; mean over seeds, bars = min..max",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="upper right")
+    losses = [a["test_loss"]["mean"] for a in result["arms"].values()]
+    lo, hi = min(losses), max(losses)
+    pad = max(0.02, 0.15 * (hi - lo))
+    ax.set_ylim(lo - pad, hi + 3 * pad)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def prepare_data(tokenizer, settings: Settings, path: Path) -> dict:
+    train_files, val_files, test_files = lc.split_by_file(lc.code_domain_files(), seed=settings.split_seed)
+    blocks = {
+        "train": lc.pack_tokens(tokenizer, lc.read_texts(train_files, settings.train_chars), settings.seq_len),
+        "val": lc.pack_tokens(tokenizer, lc.read_texts(val_files), settings.seq_len),
+        "test": lc.pack_tokens(tokenizer, lc.read_texts(test_files), settings.seq_len),
+    }
+    if settings.max_eval_blocks is not None:
+        blocks["val"] = blocks["val"][: settings.max_eval_blocks]
+        blocks["test"] = blocks["test"][: settings.max_eval_blocks]
+    torch.save(blocks, path)
+    files = {"train": train_files, "val": val_files, "test": test_files}
+    return {
+        split: {"files": len(files[split]), "blocks": len(b), "tokens": b.numel()} for split, b in blocks.items()
+    } | {"packages": list(lc.CODE_DOMAIN_PACKAGES)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings, one seed, runs in-process (smoke test)")
+    parser.add_argument("--out", default="docs/benchmarks_quality.json", help="raw-results JSON (PNG written beside)")
+    parser.add_argument("--cache", default="~/.cache/ders_peft/base", help="cache of the base model and of runs")
+    parser.add_argument("--jobs", type=int, default=2, help="runs executed at once (one subprocess each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--fresh", action="store_true", help="ignore stored runs and rerun everything")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return {}
+
+    settings = QUICK if args.quick else Settings()
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.0f}s] {msg}", flush=True)
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache).expanduser()
+    base, tokenizer = lc.pretrained_base(cache, **settings.base, log_every=0 if args.quick else 50)
+    base_dir = Path(base.name_or_path)
+    base_meta = json.loads((base_dir / "ders_base.json").read_text())
+    log(f"base: {base_meta['num_parameters']:,} parameters, pretraining val loss {base_meta['val_loss']:.3f}")
+
+    digest = hashlib.sha256(json.dumps([_FORMAT, asdict(settings), base_dir.name], sort_keys=True).encode())
+    store = cache / f"quality-runs-{digest.hexdigest()[:12]}"
+    store.mkdir(parents=True, exist_ok=True)
+    data_path = store / "data.pt"
+    data_info = prepare_data(tokenizer, settings, data_path)
+    data = torch.load(data_path)
+    base_losses = {"val_loss": lc.evaluate_loss(base, data["val"]), "test_loss": lc.evaluate_loss(base, data["test"])}
+    log(f"data: {data_info}; base model test loss {base_losses['test_loss']:.4f}")
+
+    # parameter counts of DeRS-LM r=4 (on the meta device) fix the two LoRA ranks
+    ref = meta_counts(base.config, ARM_BY_NAME[REFERENCE_LM], settings)
+    lora_rank = {
+        "added": lora_rank_for(base.config, ref["added"]),
+        "trainable": lora_rank_for(base.config, ref["trainable"]),
+    }
+    log(f"{REFERENCE_LM}: {ref['added']:,} added, {ref['trainable']:,} trainable -> LoRA ranks {lora_rank}")
+
+    runner = Runner(settings, base_dir, data_path, store, args.threads, args.jobs, args.quick, args.fresh, log)
+    seed0 = settings.seeds[0]
+
+    def spec(arm_name: str, seed: int, lr: float, scale: float = 1.0) -> RunSpec:
+        arm = ARM_BY_NAME[arm_name]
+        rank = lora_rank[arm.lora_match] if arm.kind == "lora" else 0
+        return RunSpec(arm_name, seed, lr, scale if arm.family else 1.0, rank)
+
+    selection: dict[str, dict] = {}
+    log(f"stage 1: base learning rate on {LR_SWEEP_ARM}, grid {settings.lr_grid}")
+    res = runner.run([spec(LR_SWEEP_ARM, seed0, lr) for lr in settings.lr_grid])
+    lr, vals = choose(res, list(settings.lr_grid))
+    selection["base learning rate"] = {"arm": LR_SWEEP_ARM, "val_loss": vals, "chosen": lr}
+
+    log(f"stage 2: multipliers at lr {lr:g}, grid {settings.scale_grid}")
+    scale: dict[str, float] = {"": 1.0}
+    sweep_specs = [spec(SWEEP_ARM[f], seed0, lr, x) for f in SWEEP_ARM for x in settings.scale_grid]
+    runner.run(sweep_specs)
+    for family, arm_name in SWEEP_ARM.items():
+        res = runner.run([spec(arm_name, seed0, lr, x) for x in settings.scale_grid])
+        scale[family], vals = choose(res, list(settings.scale_grid))
+        knob = "LoRA alpha / r" if family == "lora" else f"delta_scale (DeRS-{family.upper()})"
+        selection[knob] = {"arm": arm_name, "val_loss": vals, "chosen": scale[family]}
+    log(f"chosen: lr {lr:g}, multipliers {scale}")
+
+    log(f"stage 3: every arm x seeds {settings.seeds}")
+    final = {a.name: [spec(a.name, s, lr, scale[a.family]) for s in settings.seeds] for a in ARMS}
+    runner.run([s for specs in final.values() for s in specs])
+    arms = {
+        name: aggregate(ARM_BY_NAME[name], [runner.results[s.key] for s in specs]) for name, specs in final.items()
+    }
+
+    ratios = real_size_ratios(settings, base.config)
+    result = {
+        "command": "python benchmarks/quality.py" + (" --quick" if args.quick else "") + f" --jobs {args.jobs} "
+        f"--threads {args.threads}",
+        "machine": _common.machine_note(),
+        "wall_seconds_total": None,
+        "settings": asdict(settings) | {"tokens_per_run": settings.tokens_per_run},
+        "base_model": {"dir": base_dir.name, "meta": base_meta, **base_losses},
+        "data": data_info,
+        "lora_ranks": lora_rank,
+        "selection": selection,
+        "chosen": {"lr": lr, "multipliers": scale},
+        "arms": arms,
+        "real_size_ratios": ratios,
+        "runs": runner.results,
+    }
+    result["goals"] = goals(arms, ratios)
+    result["wall_seconds_total"] = time.perf_counter() - t_start
+    result["tables_markdown"] = tables(result)
+    out = Path(args.out)
+    _common.write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    print(result["tables_markdown"])
+    log(f"wrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
