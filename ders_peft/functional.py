@@ -100,9 +100,13 @@ def lowrank_routed_ffn(
     widths = [f.shape[-1] for f in flat[::3]]
     if (gated and len(widths) == 2 and widths[0] != widths[1]) or (gated and len(widths) == 1 and widths[0] % 2):
         raise ValueError(f"gated FFN needs gate and up projections of equal width, got {widths}")
-    mask = plan.slot_rank_mask(rank, x.dtype)
-    weights = plan.weights.to(x.dtype).t()
-    mixed, z_out = _LowRankSlots.apply((act, gated), weights, mask, out_delta.lora_a.weight, *flat)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    flat = [t.to(dtype) for t in flat]  # under autocast: one compute dtype, cast outside (autograd casts grads back)
+    mask = plan.slot_rank_mask(rank, dtype)
+    weights = plan.weights.to(dtype).t()
+    with torch.autocast(device, enabled=False):
+        mixed, z_out = _LowRankSlots.apply((act, gated), weights, mask, out_delta.lora_a.weight.to(dtype), *flat)
     y = torch.addmm(mixed @ out_base.t(), z_out, _scaled_b(out_delta).t())
     if out_bias is not None:
         y = y + plan.gate_matrix(y.dtype) @ out_bias.to(y.dtype)
@@ -166,12 +170,17 @@ class _LowRankSlots(torch.autograd.Function):
             zd = (h.reshape(-1, width) @ a_out.t()).view_as(mask_c)
             z_slots[:, rows] = zd
             torch.sum(zd * (mask_c * w_c), dim=0, out=z_out[rows])
-        ctx.spec = spec
+        ctx.spec, ctx.dtype = spec, mixed.dtype
         ctx.save_for_backward(weights, mask, a_out, z_slots, *flat)
         return mixed, z_out
 
     @staticmethod
     def backward(ctx, d_mixed, d_z_out):
+        with torch.autocast(d_mixed.device.type, enabled=False):  # backward may run inside an autocast region
+            return _LowRankSlots._backward(ctx, d_mixed.to(ctx.dtype), d_z_out.to(ctx.dtype))
+
+    @staticmethod
+    def _backward(ctx, d_mixed, d_z_out):
         act, gated = ctx.spec
         weights, mask, a_out, z_slots, *flat = ctx.saved_tensors
         need = ctx.needs_input_grad

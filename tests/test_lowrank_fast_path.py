@@ -71,3 +71,35 @@ def test_slot_core_gradcheck(monkeypatch, gated, num_in):
         return _LowRankSlots.apply(spec, weights, mask, a_out, *flat)
 
     assert torch.autograd.gradcheck(fn, (rnd(S, T), rnd(E * r, inter), *flat))
+
+
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_fast_path_under_cpu_bf16_autocast(monkeypatch, backward_inside):
+    """TRL's SFTTrainer enables bf16 autocast on CPU: the fast path must run (and backpropagate, also inside the
+    autocast region) and agree with the generic path to bf16 precision."""
+    peft_model = get_peft_model(tiny_model("llama"), ders_peft.DeRSConfig(num_experts=4, top_k=2, rank=3))
+    randomize_adapter(peft_model, std=0.1)
+    peft_model.train()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+            if backward_inside:
+                grads = torch.autograd.grad(loss, params)
+        if not backward_inside:
+            grads = torch.autograd.grad(loss, params)
+        return loss.detach(), grads
+
+    calls = []
+    real = functional.lowrank_routed_ffn
+    monkeypatch.setattr(functional, "lowrank_routed_ffn", lambda *a: calls.append(1) or real(*a))
+    loss_fast, g_fast = loss_and_grads()
+    assert calls
+    monkeypatch.setattr(functional, "_lowrank_fast_path", lambda *a: False)
+    loss_ref, g_ref = loss_and_grads()
+    torch.testing.assert_close(loss_fast, loss_ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        assert float((a - b).abs().max()) <= 0.05 * float(b.abs().max()) + 1e-6
