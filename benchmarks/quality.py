@@ -53,8 +53,16 @@ from ders_peft import local_corpus as lc  # noqa: E402
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-_FORMAT = 1  # bump when a change would make stored runs incomparable
+_FORMAT = 2  # bump when a change would make stored runs incomparable
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def library_digest() -> str:
+    """Content hash of the ``ders_peft`` sources in use: runs of different library code are never mixed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(ders_peft.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,14 +121,16 @@ class Arm:
 
     name: str
     label: str
-    kind: str  # "dense" | "lora" | "ders"
+    kind: str  # "dense" | "dense_mlp" | "lora" | "ders"
     family: str = ""
     ders: tuple[tuple[str, object], ...] = ()  # DeRSConfig keyword arguments (besides N, top-k, seed, delta_scale)
     lora_match: str = ""  # "added" | "trainable": match DeRS-LM r=4's count of that kind
+    train_rest: bool = False  # also train every non-MLP parameter of the dense model in place (whole-model training)
 
 
 ARMS: tuple[Arm, ...] = (
     Arm("dense", "Dense full fine-tuning", "dense"),
+    Arm("dense_mlp", "Dense fine-tuning of the MLPs only", "dense_mlp"),
     Arm("lora_added", "LoRA (MLP), added-matched", "lora", "lora", lora_match="added"),
     Arm("lora_trainable", "LoRA (MLP), trainable-matched", "lora", "lora", lora_match="trainable"),
     Arm("vanilla", "Vanilla upcycling", "ders", "", (("delta_type", "full"),)),
@@ -142,12 +152,24 @@ ARMS: tuple[Arm, ...] = (
         "lm",
         (("delta_type", "lowrank"), ("rank", 4), ("shared_expert", True)),
     ),
+    Arm(
+        "vanilla_all", "Vanilla upcycling, whole model trained", "ders", "", (("delta_type", "full"),), train_rest=True
+    ),
+    Arm(
+        "lm_r4_all",
+        "DeRS-LM r=4, whole model trained",
+        "ders",
+        "lm",
+        (("delta_type", "lowrank"), ("rank", 4)),
+        train_rest=True,
+    ),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 #: The arm each multiplier sweep is run on; the rest of the family reuses the choice.
 SWEEP_ARM = {"lm": "lm_r4", "sm": "sm_0.9", "lora": "lora_added"}
 LR_SWEEP_ARM = "dense"
 REFERENCE_LM = "lm_r4"  # LoRA ranks are matched to this arm's counts
+MAX_EXTENSIONS = 2  # a sweep grid is extended at most this many times past a winning edge
 
 
 @dataclass(frozen=True)
@@ -201,6 +223,10 @@ def build_model(base: torch.nn.Module, arm: Arm, spec: RunSpec, settings: Settin
     torch.manual_seed(spec.seed)  # LoRA's A initialisation draws from the global generator
     if arm.kind == "dense":
         return base
+    if arm.kind == "dense_mlp":  # the parameters every other arm adapts, trained in place
+        for name, param in base.named_parameters():
+            param.requires_grad_(".mlp." in name)
+        return base
     if arm.kind == "lora":
         cfg = LoraConfig(
             r=spec.lora_rank,
@@ -210,7 +236,12 @@ def build_model(base: torch.nn.Module, arm: Arm, spec: RunSpec, settings: Settin
             task_type="CAUSAL_LM",
         )
         return get_peft_model(base, cfg)
-    return get_peft_model(base, ders_config(arm, settings, spec.seed, spec.scale))
+    model = get_peft_model(base, ders_config(arm, settings, spec.seed, spec.scale))
+    if arm.train_rest:  # attention, norms, embeddings, head: trained in place (the frozen dense MLPs stay frozen)
+        for name, param in model.named_parameters():
+            if ".mlp." not in name:
+                param.requires_grad_(True)
+    return model
 
 
 def count_params(model: torch.nn.Module, arm: Arm) -> dict:
@@ -320,6 +351,8 @@ def run_one(spec: RunSpec, settings: Settings, base_dir: str, data_path: str, th
 
 def worker_main(spec_path: str) -> None:
     job = json.loads(Path(spec_path).read_text())
+    if job["library"] != library_digest():
+        raise RuntimeError(f"ders_peft at {ders_peft.__file__} changed since the benchmark started; rerun it")
     settings = settings_from_dict(job["settings"])
     result = run_one(RunSpec(**job["spec"]), settings, job["base_dir"], job["data_path"], job["threads"])
     print(json.dumps(result))
@@ -343,6 +376,7 @@ class Runner:
         self.store, self.threads, self.jobs, self.in_process, self.log = store, threads, jobs, in_process, log
         self.store.mkdir(parents=True, exist_ok=True)
         self.fresh = fresh
+        self.library = library_digest()
         self.results: dict[str, dict] = {}
 
     def _path(self, spec: RunSpec) -> Path:
@@ -357,6 +391,7 @@ class Runner:
             "base_dir": self.base_dir,
             "data_path": self.data_path,
             "threads": self.threads,
+            "library": self.library,
         }
         job_path = self.store / f"{spec.key}.job.json"
         job_path.write_text(json.dumps(job))
@@ -397,10 +432,22 @@ class Runner:
 
 
 def choose(results: list[dict], values: list[float]) -> tuple[float, dict[str, float]]:
-    """The value with the lowest validation loss, and the validation loss of every value."""
-    by_value = {f"{v:g}": r["val_loss"] for v, r in zip(values, results)}
-    best = min(zip(values, results), key=lambda vr: vr[1]["val_loss"])[0]
+    """The value with the lowest validation loss, and the validation loss of every value (sorted by value)."""
+    pairs = sorted(zip(values, results), key=lambda vr: vr[0])
+    by_value = {f"{v:g}": r["val_loss"] for v, r in pairs}
+    best = min(pairs, key=lambda vr: vr[1]["val_loss"])[0]
     return best, by_value
+
+
+def grid_extension(values: list[float], best: float, factor: float) -> float | None:
+    """A value beyond the grid edge when the best value sits on that edge (``factor`` times past it), else None."""
+    if len(values) < 2:
+        return None
+    if best == max(values):
+        return best * factor
+    if best == min(values):
+        return best / factor
+    return None
 
 
 def summarize(values: list[float]) -> dict:
@@ -635,8 +682,9 @@ def plot(result: dict, path: Path) -> None:
     for a in result["arms"].values():
         arm = ARM_BY_NAME[a["arm"]]
         t = a["test_loss"]
-        if arm.kind == "dense":
-            ax.axhline(t["mean"], color="tab:gray", ls="--", lw=1, label=f"{a['label']} (adds 0)")
+        if arm.kind in ("dense", "dense_mlp"):
+            ls = "--" if arm.kind == "dense" else "-."
+            ax.axhline(t["mean"], color="tab:gray", ls=ls, lw=1, label=f"{a['label']} (adds 0)")
             continue
         color = "tab:red" if arm.name == "vanilla" else colors[arm.kind]
         err = [[t["mean"] - t["min"]], [t["max"] - t["mean"]]]
@@ -709,7 +757,9 @@ def main(argv: list[str] | None = None) -> dict:
     base_meta = json.loads((base_dir / "ders_base.json").read_text())
     log(f"base: {base_meta['num_parameters']:,} parameters, pretraining val loss {base_meta['val_loss']:.3f}")
 
-    digest = hashlib.sha256(json.dumps([_FORMAT, asdict(settings), base_dir.name], sort_keys=True).encode())
+    library = library_digest()
+    log(f"ders_peft {ders_peft.__file__}, source digest {library}")
+    digest = hashlib.sha256(json.dumps([_FORMAT, asdict(settings), base_dir.name, library], sort_keys=True).encode())
     store = cache / f"quality-runs-{digest.hexdigest()[:12]}"
     store.mkdir(parents=True, exist_ok=True)
     data_path = store / "data.pt"
@@ -735,19 +785,44 @@ def main(argv: list[str] | None = None) -> dict:
         return RunSpec(arm_name, seed, lr, scale if arm.family else 1.0, rank)
 
     selection: dict[str, dict] = {}
+
+    def sweep(arms_and_grids: dict[str, tuple[str, list[float], float]], make) -> dict[str, tuple[float, dict]]:
+        """Sweep every knob on its grid (all knobs' runs at once), extending a grid past an edge that wins (at most
+        ``MAX_EXTENSIONS`` times); returns the chosen value and the validation losses per knob."""
+        grids = {knob: list(grid) for knob, (_, grid, _) in arms_and_grids.items()}
+        for _ in range(MAX_EXTENSIONS + 1):
+            runner.run([make(arm, x) for knob, (arm, _, _) in arms_and_grids.items() for x in grids[knob]])
+            extended = False
+            for knob, (arm, _, factor) in arms_and_grids.items():
+                best, _ = choose([runner.results[make(arm, x).key] for x in grids[knob]], grids[knob])
+                extra = grid_extension(grids[knob], best, factor)
+                if extra is not None and len(grids[knob]) < len(arms_and_grids[knob][1]) + MAX_EXTENSIONS:
+                    grids[knob].append(extra)
+                    extended = True
+            if not extended:
+                break
+        return {
+            knob: choose([runner.results[make(arm, x).key] for x in grids[knob]], grids[knob])
+            for knob, (arm, _, _) in arms_and_grids.items()
+        }
+
     log(f"stage 1: base learning rate on {LR_SWEEP_ARM}, grid {settings.lr_grid}")
-    res = runner.run([spec(LR_SWEEP_ARM, seed0, lr) for lr in settings.lr_grid])
-    lr, vals = choose(res, list(settings.lr_grid))
-    selection["base learning rate"] = {"arm": LR_SWEEP_ARM, "val_loss": vals, "chosen": lr}
+    knob = "base learning rate"
+    lr, vals = sweep({knob: (LR_SWEEP_ARM, list(settings.lr_grid), 2.0)}, lambda arm, x: spec(arm, seed0, x))[knob]
+    selection[knob] = {"arm": LR_SWEEP_ARM, "val_loss": vals, "chosen": lr}
 
     log(f"stage 2: multipliers at lr {lr:g}, grid {settings.scale_grid}")
+    knobs = {
+        ("LoRA alpha / r" if family == "lora" else f"delta_scale (DeRS-{family.upper()})"): (family, arm_name)
+        for family, arm_name in SWEEP_ARM.items()
+    }
+    chosen = sweep(
+        {knob: (arm_name, list(settings.scale_grid), 4.0) for knob, (_, arm_name) in knobs.items()},
+        lambda arm, x: spec(arm, seed0, lr, x),
+    )
     scale: dict[str, float] = {"": 1.0}
-    sweep_specs = [spec(SWEEP_ARM[f], seed0, lr, x) for f in SWEEP_ARM for x in settings.scale_grid]
-    runner.run(sweep_specs)
-    for family, arm_name in SWEEP_ARM.items():
-        res = runner.run([spec(arm_name, seed0, lr, x) for x in settings.scale_grid])
-        scale[family], vals = choose(res, list(settings.scale_grid))
-        knob = "LoRA alpha / r" if family == "lora" else f"delta_scale (DeRS-{family.upper()})"
+    for knob, (family, arm_name) in knobs.items():
+        scale[family], vals = chosen[knob]
         selection[knob] = {"arm": arm_name, "val_loss": vals, "chosen": scale[family]}
     log(f"chosen: lr {lr:g}, multipliers {scale}")
 
@@ -763,6 +838,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/quality.py" + (" --quick" if args.quick else "") + f" --jobs {args.jobs} "
         f"--threads {args.threads}",
         "machine": _common.machine_note(),
+        "ders_peft_source_digest": library,
         "wall_seconds_total": None,
         "settings": asdict(settings) | {"tokens_per_run": settings.tokens_per_run},
         "base_model": {"dir": base_dir.name, "meta": base_meta, **base_losses},

@@ -19,6 +19,7 @@ def test_quality_benchmark_quick(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["arms"]) == {
         "dense",
+        "dense_mlp",
         "lora_added",
         "lora_trainable",
         "vanilla",
@@ -28,4 +29,6 @@ def test_quality_benchmark_quick(tmp_path):
         "sm_0.9",
         "lm_r4_frozen",
         "ext_lm_r4",
+        "vanilla_all",
+        "lm_r4_all",
     }
