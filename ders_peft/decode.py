@@ -1,70 +1,149 @@
-"""Inference paths of the routed FFN for a few tokens at a time (generation: one new token per sequence per step).
+"""Inference path of a DeRS layer for a few tokens at a time (generation: one new token per sequence per step).
 
-At that size the routed layer's cost is not FLOPs but the number of tensor operations, so these functions compute the
-same result as :func:`ders_peft.functional.routed_ffn` with as few operations as possible, and without autograd
-(they are used only when no gradient is needed):
+At that size the layer's cost is not FLOPs but the number of tensor operations and Python steps, so
+:func:`layer_forward` computes the same result as the general path (router, :func:`ders_peft.routing.route`,
+:func:`ders_peft.functional.routed_ffn`) with as few of them as possible, and without autograd (it runs only when no
+gradient is needed):
 
-- low-rank deltas: the base projections run once on ``x``, ``z = x A_all^T`` once for all experts, a block mask picks
-  each slot's ``r`` columns, one matmul with ``B_all`` per projection; the down side mixes the slots by router weight;
-- whole expert weights (vanilla experts, or experts materialised by ``merge_adapter``): one plain FFN per slot on the
-  selected expert's matrices, with no sorting or permutation.
+- low-rank deltas: one matmul gives the router logits and ``z = x A^T`` of every expert for every input projection
+  (their weights stacked once and cached until a parameter changes); the base projections run once on ``x``; a block
+  mask keeps each slot's ``r`` columns and one ``addmm`` per projection adds the slot's delta; the down side mixes the
+  slots by router weight before the base down projection;
+- whole expert weights (vanilla experts, or experts materialised by ``merge_adapter``), while there are at most as
+  many slots as experts: one plain FFN per slot on the selected expert's matrices, with no sorting or permutation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from transformers.activations import SiLUActivation
 
-from .deltas import Delta, FullDelta, LowRankDelta
-from .routing import RoutingPlan
+from . import ffn
+from .deltas import FullDelta, LowRankDelta
+from .routing import SHARED_EXPERT_MIX
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 MAX_DECODE_TOKENS = 16
-"""Up to this many tokens per layer call the small-batch paths below are used (when no gradient is needed)."""
+"""Up to this many tokens per layer call the fast path is used (when no gradient is needed)."""
 
+_SILU_TYPES = (torch.nn.SiLU, SiLUActivation)
 _BLOCK_MASKS: dict[tuple, torch.Tensor] = {}
+_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def block_mask(num_experts: int, rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(E, E * rank)`` 0/1 matrix whose row e keeps the ``rank`` columns of expert e in a stacked factor (cached)."""
-    key = (num_experts, rank, dtype, str(device))
+def block_mask(num_experts: int, rank: int, copies: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(E, copies * E * rank)`` 0/1 matrix whose row e keeps, in each of ``copies`` stacked factors, the ``rank``
+    columns of expert e (cached)."""
+    key = (num_experts, rank, copies, dtype, str(device))
     if key not in _BLOCK_MASKS:
-        eye = torch.eye(num_experts, dtype=dtype, device=device)
-        _BLOCK_MASKS[key] = eye.repeat_interleave(rank, dim=1)
+        one = torch.eye(num_experts, dtype=dtype, device=device).repeat_interleave(rank, dim=1)
+        _BLOCK_MASKS[key] = one.repeat(1, copies)
     return _BLOCK_MASKS[key]
 
 
-def small_batch_ffn(
-    x: torch.Tensor,
-    plan: RoutingPlan,
-    in_base: Sequence[torch.Tensor | None],
-    out_base: torch.Tensor | None,
-    in_deltas: Sequence[Delta],
-    out_delta: Delta,
-    in_bias: Sequence[torch.Tensor | None],
-    out_bias: torch.Tensor | None,
-    act: Activation,
-    gated: bool,
-) -> torch.Tensor | None:
-    """``routed_ffn`` for a few tokens without autograd, or ``None`` when no small-batch path applies.
+def route_small(logits: torch.Tensor, top_k: int, normalize: bool, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same expert indices and weights as :func:`ders_peft.routing.route` (``(T, S)`` each), no plan object."""
+    logits = logits.float()
+    if normalize:  # softmax is monotonic: the top-k logits' softmax is the renormalised top-k probabilities
+        top, idx = torch.topk(logits, top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+    else:
+        weights, idx = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+    if shared:
+        idx = torch.cat([idx, torch.full_like(idx[:, :1], logits.shape[-1])], dim=1)
+        weights = torch.cat([weights, torch.ones_like(weights[:, :1])], dim=1) * SHARED_EXPERT_MIX
+    return idx, weights
 
-    Same arguments as :func:`ders_peft.functional.routed_ffn`.
-    """
+
+def layer_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+    """The output of DeRS ``layer`` for ``x`` ``(T, hidden)``, or ``None`` when the fast path does not apply
+    (gradient enabled, more than ``MAX_DECODE_TOKENS`` tokens, sparse deltas, mixed dtypes)."""
     if torch.is_grad_enabled() or x.shape[0] > MAX_DECODE_TOKENS:
         return None
-    deltas = [*in_deltas, out_delta]
-    if all(type(d) is LowRankDelta for d in deltas):
-        if (
-            all(w is not None and w.dtype == x.dtype for w in (*in_base, out_base))
-            and all(d.lora_a.weight.dtype == x.dtype for d in deltas)
-            and len({(d.num_experts, d.rank) for d in deltas}) == 1
-        ):
-            return _lowrank(x, plan, in_base, out_base, in_deltas, out_delta, in_bias, out_bias, act, gated)
-    elif all(isinstance(d, FullDelta) and d.weight.dtype == x.dtype for d in deltas):
-        return _per_slot_experts(x, plan, in_deltas, out_delta, in_bias, out_bias, act, gated)
+    config = layer.ders_settings[adapter]
+    merged = layer._merged_experts.get(adapter)
+    deltas = merged if merged is not None else layer.ders_delta[adapter]
+    lay = layer.layout
+    if all(type(deltas[n]) is LowRankDelta for n in lay.projs):
+        pack = _lowrank_pack(layer, adapter, deltas, x.dtype)
+        if pack is None:
+            return None
+        return _lowrank(layer, adapter, config, pack, x)
+    if all(isinstance(deltas[n], FullDelta) for n in lay.projs):
+        slots = x.shape[0] * (config.top_k + int(config.shared_expert))
+        if slots > config.num_deltas or any(deltas[n].weight.dtype != x.dtype for n in lay.projs):
+            return None  # many slots: grouping them by expert (the general path) is cheaper
+        router = layer.ders_router[adapter].weight
+        idx, w = route_small(
+            F.linear(x.to(router.dtype), router), config.top_k, config.normalize_top_k, config.shared_expert
+        )
+        return _per_slot_experts(layer, adapter, deltas, idx, w.to(x.dtype), x)
     return None
+
+
+def _sources(layer, adapter: str, ins, out) -> list[tuple[dict, str]]:
+    """(parameter dict, name) of every tensor the pack is built from."""
+    pairs = [(layer.ders_router[adapter]._parameters, "weight")]
+    for d in (*ins, out):
+        pairs += [(d.lora_a._parameters, "weight"), (d.lora_b._parameters, "weight")]
+    return pairs
+
+
+def _still_valid(entry: tuple, modules: tuple) -> bool:
+    """The cached pack was built from these very modules and tensors, none modified in place since."""
+    built_from, sources, versions = entry[0], entry[1], entry[2]
+    if any(a is not b for a, b in zip(built_from, modules, strict=True)):
+        return False
+    for (params, name), (tensor, version) in zip(sources, versions, strict=True):
+        current = params[name]
+        if current is not tensor or current._version != version:
+            return False
+    return True
+
+
+def _lowrank_pack(layer, adapter: str, deltas, dtype: torch.dtype) -> dict | None:
+    """Small stacked tensors of the low-rank path, cached until one of their source tensors is replaced or modified
+    in place (``_version``)."""
+    lay = layer.layout
+    ins = [deltas[n] for n in lay.in_projs]
+    out = deltas[lay.out_proj]
+    modules = (layer.ders_router[adapter], *ins, out)
+    cache = _PACKS.setdefault(layer, {})
+    entry = cache.get(adapter)
+    if entry is not None and _still_valid(entry, modules):
+        return entry[3]
+    router = layer.ders_router[adapter].weight
+    if router.dtype != dtype or any(d.lora_a.weight.dtype != dtype for d in (*ins, out)):
+        return None
+    if len({(d.num_experts, d.rank) for d in (*ins, out)}) != 1:
+        return None
+    with torch.no_grad():
+        pack = {
+            "stacked": torch.cat([router, *(d.lora_a.weight for d in ins)]),  # (N + n_in * E*r, hidden)
+            "b": [d.lora_b.weight * d.scale for d in ins],  # (out, E*r) each
+            "a_out_t": out.lora_a.weight.t().contiguous(),  # (I, E*r)
+            "b_out_t": (out.lora_b.weight * out.scale).t().contiguous(),  # (E*r, hidden)
+            "mask": block_mask(out.num_experts, out.rank, len(ins), dtype, router.device),
+            "num_experts": router.shape[0],
+            "width": out.num_experts * out.rank,
+        }
+    sources = _sources(layer, adapter, ins, out)
+    try:
+        versions = [(params[name], params[name]._version) for params, name in sources]
+    except RuntimeError:  # inference tensors have no version counter: rebuild every call
+        return pack
+    cache[adapter] = (modules, sources, versions, pack)
+    return pack
+
+
+def _plain(act: Activation) -> Activation:
+    """``F.silu`` for SiLU modules (saves a module call per use), else ``act``."""
+    return F.silu if type(act) in _SILU_TYPES else act
 
 
 def _activate(pres: list[torch.Tensor], act: Activation, gated: bool) -> torch.Tensor:
@@ -76,50 +155,63 @@ def _activate(pres: list[torch.Tensor], act: Activation, gated: bool) -> torch.T
     return act(gate) * up
 
 
-def _scaled_b(delta: LowRankDelta) -> torch.Tensor:
-    b = delta.lora_b.weight
-    return b * delta.scale if delta.scale != 1.0 else b
+def _biases(layer, adapter: str) -> dict[str, torch.Tensor]:
+    holder = layer.ders_bias[adapter] if adapter in layer.ders_bias else {}
+    return {n: holder[n].weight for n in holder}
 
 
-def _lowrank(x, plan, in_base, out_base, in_deltas, out_delta, in_bias, out_bias, act, gated) -> torch.Tensor:
-    T, S = plan.expert_idx.shape
-    mask = block_mask(out_delta.num_experts, out_delta.rank, x.dtype, x.device)[plan.expert_idx]  # (T, S, E*r)
-    flat_mask = mask.view(T * S, -1)
+def _lowrank(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch.Tensor:
+    lay = layer.layout
+    T = x.shape[0]
+    n = pack["num_experts"]
+    small = x @ pack["stacked"].t()  # (T, N + n_in * E*r): router logits, then z of every input projection
+    idx, w = route_small(small[:, :n], config.top_k, config.normalize_top_k, config.shared_expert)
+    S = idx.shape[1]
+    w = w.to(x.dtype)
+    flat_idx = idx.view(-1)
+    mask = pack["mask"].index_select(0, flat_idx)  # (T*S, n_in * E*r): each slot keeps its expert's columns
+    zm = (small[:, n:].repeat_interleave(S, dim=0) if T > 1 else small[:, n:]) * mask
+    biases = _biases(layer, adapter)
+    width = pack["width"]
     pres = []
-    for weight, delta, bias in zip(in_base, in_deltas, in_bias, strict=True):
-        base, z = x @ weight.t(), x @ delta.lora_a.weight.t()  # (T, out), (T, E*r)
-        if T > 1:
-            base, z = base.repeat_interleave(S, dim=0), z.repeat_interleave(S, dim=0)
-        pre = torch.addmm(base, z * flat_mask, _scaled_b(delta).t())  # (T*S, out): slot keeps its expert's columns
-        if bias is not None:
-            pre = pre + bias.to(pre.dtype)[plan.expert_idx.reshape(-1)]
+    for j, name in enumerate(lay.in_projs):
+        base = x @ layer.base_weight(adapter, name).t()  # (T, out)
+        delta = zm[:, j * width : (j + 1) * width]
+        if T == 1:
+            pre = F.linear(delta, pack["b"][j], base[0])  # (S, out)
+        else:
+            pre = torch.addmm(base.repeat_interleave(S, dim=0), delta, pack["b"][j].t())  # (T*S, out)
+        if name in biases:
+            pre = pre + biases[name].index_select(0, flat_idx)
         pres.append(pre)
-    h = _activate(pres, act, gated)  # (T*S, I)
-    w = plan.weights.to(x.dtype)  # (T, S)
-    mixed = torch.bmm(w.unsqueeze(1), h.view(T, S, -1)).squeeze(1)  # (T, I)
-    zd = (h @ out_delta.lora_a.weight.t()) * (flat_mask * w.reshape(-1, 1))  # (T*S, E*r)
-    zd = zd.view(T, S, -1).sum(dim=1)
-    y = torch.addmm(mixed @ out_base.t(), zd, _scaled_b(out_delta).t())
-    if out_bias is not None:
-        y = y + plan.gate_matrix(y.dtype) @ out_bias.to(y.dtype)
+    h = _activate(pres, _plain(ffn.activation(layer.base_layer, lay)), lay.gated)  # (T*S, I)
+    zd = (h @ pack["a_out_t"]) * mask[:, :width]  # (T*S, E*r)
+    if T == 1:
+        mixed, zd = w @ h, w @ zd  # (1, I), (1, E*r)
+    else:
+        mixed = torch.bmm(w.unsqueeze(1), h.view(T, S, -1)).squeeze(1)
+        zd = torch.bmm(w.unsqueeze(1), zd.view(T, S, -1)).squeeze(1)
+    y = torch.addmm(mixed @ layer.base_weight(adapter, lay.out_proj).t(), zd, pack["b_out_t"])
+    if lay.out_proj in biases:
+        y = y + (w.unsqueeze(-1) * biases[lay.out_proj][idx]).sum(dim=1)
     return y
 
 
-def _per_slot_experts(x, plan, in_deltas, out_delta, in_bias, out_bias, act, gated) -> torch.Tensor:
-    T, S = plan.expert_idx.shape
-    idx = plan.expert_idx.tolist()
-    w = plan.weights.to(x.dtype)
+def _per_slot_experts(layer, adapter: str, experts, idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor):
+    lay = layer.layout
+    act = _plain(ffn.activation(layer.base_layer, lay))
+    biases = _biases(layer, adapter)
     rows = []
-    for t in range(T):
-        xt = x[t : t + 1]
-        yt = None
-        for s in range(S):
-            e = idx[t][s]
+    for t, slots in enumerate(idx.tolist()):
+        xt, yt = x[t : t + 1], None
+        for s, e in enumerate(slots):
             pres = []
-            for delta, bias in zip(in_deltas, in_bias, strict=True):
-                pres.append(torch.nn.functional.linear(xt, delta.weight[e], None if bias is None else bias[e]))
-            h = _activate(pres, act, gated)
-            out = torch.nn.functional.linear(h, out_delta.weight[e], None if out_bias is None else out_bias[e])
-            yt = out * w[t, s] if yt is None else yt.add_(out * w[t, s])
+            for name in lay.in_projs:
+                bias = biases[name][e] if name in biases else None
+                pres.append(F.linear(xt, experts[name].weight[e], bias))
+            h = _activate(pres, act, lay.gated)
+            bias = biases[lay.out_proj][e] if lay.out_proj in biases else None
+            out = F.linear(h, experts[lay.out_proj].weight[e], bias) * w[t, s]
+            yt = out if yt is None else yt.add_(out)
         rows.append(yt)
-    return rows[0] if T == 1 else torch.cat(rows)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,7 +97,6 @@ class ExportPlan:
     layers: dict[int, DeRSLayer]
     target_config: object
     dtype: torch.dtype
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers

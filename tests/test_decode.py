@@ -1,4 +1,4 @@
-"""The small-batch inference paths (generation) give the same outputs as the general routed layer."""
+"""The few-token inference path (generation) gives the same outputs as the general routed layer."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ CASES = [
     ("llama", {"delta_type": "lowrank", "shared_expert": True, "delta_scale": 2.0}),
     ("llama", {"delta_type": "lowrank", "normalize_top_k": False, "top_k": 3}),
     ("llama", {"delta_type": "full", "shared_expert": True}),
+    ("llama", {"delta_type": "full", "top_k": 1}),
     ("phi", {"delta_type": "lowrank"}),  # per-expert biases
     ("phi", {"delta_type": "full"}),
     ("phi3", {"delta_type": "lowrank"}),  # fused gate_up_proj
@@ -23,53 +24,94 @@ CASES = [
 ]
 
 
-def _layer(family, merged=False, **cfg_kw):
+def _model(family, merged=False, **cfg_kw):
     cfg = ders_peft.DeRSConfig(**{"num_experts": 4, "top_k": 2, "rank": 3, **cfg_kw})
-    model = get_peft_model(tiny_model(family), cfg)
+    model = get_peft_model(tiny_model(family), cfg).eval()
     randomize_adapter(model, std=0.1)
     if merged:
         model.merge_adapter()
-    return ders_layers(model)[0]
+    return model
+
+
+def _spy(monkeypatch) -> list[bool]:
+    """Record, per layer call, whether the fast path produced the output."""
+    taken: list[bool] = []
+    real = decode.layer_forward
+
+    def spy(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(decode, "layer_forward", spy)
+    return taken
 
 
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("family,cfg_kw", CASES)
-def test_small_batch_path_matches_general_path(family, cfg_kw, tokens, merged, monkeypatch):
-    layer = _layer(family, merged=merged, **cfg_kw)
-    x = torch.randn(2, tokens, 32)
-    calls = []
-    real = decode.small_batch_ffn
-
-    def spy(*args):
-        out = real(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr("ders_peft.layer.small_batch_ffn", spy)
+def test_fast_path_matches_general_path(family, cfg_kw, tokens, merged, monkeypatch):
+    layer = ders_layers(_model(family, merged=merged, **cfg_kw))[0]
+    x = torch.randn(1, tokens, 32)
+    cfg = layer.ders_settings["default"]
+    slots = tokens * (cfg.top_k + cfg.shared_expert)
+    # low-rank: always; whole expert weights (vanilla or merged): while there are at most as many slots as experts
+    expect_fast = (cfg.delta_type == "lowrank" and not merged) or slots <= cfg.num_deltas
+    taken = _spy(monkeypatch)
     with torch.no_grad():
         fast = layer(x)
-    assert calls == [True]  # the small-batch path really ran
+    assert taken == [expect_fast]
     general = layer(x)  # grad enabled: the general path
+    assert taken == [expect_fast, False]
     torch.testing.assert_close(fast, general.detach(), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(fast, reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
 
 
-def test_not_used_with_grad_or_many_tokens_or_sparse(monkeypatch):
-    """Training (grad enabled), prompts longer than MAX_DECODE_TOKENS and sparse deltas take the general path."""
-    layer, sparse = _layer("llama"), _layer("llama", delta_type="sparse", sparse_rate=0.5)
-    results = []
-    real = decode.small_batch_ffn
-
-    def spy(*args):
-        results.append(real(*args))
-        return results[-1]
-
-    monkeypatch.setattr("ders_peft.layer.small_batch_ffn", spy)
-    layer(torch.randn(1, 1, 32))
+def test_not_used_for_long_inputs_or_sparse_deltas(monkeypatch):
+    layer = ders_layers(_model("llama"))[0]
+    sparse = ders_layers(_model("llama", delta_type="sparse", sparse_rate=0.5))[0]
+    taken = _spy(monkeypatch)
     with torch.no_grad():
         layer(torch.randn(1, decode.MAX_DECODE_TOKENS + 1, 32))
         sparse(torch.randn(1, 1, 32))
         layer(torch.randn(1, 1, 32))
-    assert [r is None for r in results] == [True, True, True, False]
+    assert taken == [False, False, True]
+
+
+def test_cached_stacks_follow_parameter_updates():
+    """The stacked router/A/B tensors are cached between calls and rebuilt when a parameter changes in place
+    (an optimizer step between two generations)."""
+    model = _model("llama")
+    layer = ders_layers(model)[0]
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        first = layer(x)
+        for name in ("down_proj", "gate_proj"):
+            layer.ders_delta["default"][name].lora_b.weight.mul_(3.0)
+        layer.ders_router["default"].weight.mul_(-1.0)
+        second = layer(x)
+    assert (second - first).abs().max() > 1e-4
+    torch.testing.assert_close(second, layer(x).detach(), atol=1e-5, rtol=1e-5)
+    # a replaced parameter (load with assign=True) and a replaced delta module are noticed too
+    delta = layer.ders_delta["default"]["up_proj"]
+    with torch.no_grad():
+        delta.lora_b.weight = torch.nn.Parameter(delta.lora_b.weight * 2.0)
+        third = layer(x)
+        layer.ders_delta["default"]["up_proj"] = type(delta)(4, 48, 32, rank=3)
+        fourth = layer(x)
+    assert (third - second).abs().max() > 1e-4 and (fourth - third).abs().max() > 1e-4
+    torch.testing.assert_close(fourth, layer(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_unchanged():
+    """Whole-model greedy generation with the fast path equals the general path's token by token."""
+    model = _model("qwen2", shared_expert=True)
+    ids = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    steps = [ids]
+    for _ in range(6):  # the general path: grad enabled, full recompute each step
+        logits = model(input_ids=steps[-1]).logits[:, -1]
+        steps.append(torch.cat([steps[-1], logits.argmax(-1, keepdim=True)], dim=1))
+    assert torch.equal(fast, steps[-1])
