@@ -9,9 +9,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from . import ffn
+from . import decode, ffn
 from .config import DeRSConfig
-from .decode import small_batch_ffn
 from .deltas import DELTA_CLASSES, Delta, FullDelta
 from .functional import routed_ffn
 from .routing import Router, inject_aux_loss, load_balancing_loss, route, z_loss
@@ -189,6 +188,10 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         config = self.ders_settings[adapter]
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
+        y = decode.layer_forward(self, adapter, xf)  # generation: few tokens, no autograd (None if it does not apply)
+        if y is not None:
+            y = y.view(*shape[:-1], y.shape[-1])
+            return getattr(self.base_layer, self.layout.dropout_attr)(y) if self.layout.dropout_attr else y
         logits = self.ders_router[adapter](xf)
         plan, probs = route(logits, config.top_k, config.normalize_top_k, config.shared_expert)
 
@@ -202,7 +205,7 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
             out_base = None if deltas[out_name].replaces_base else self.base_weight(adapter, out_name)
         biases = self.ders_bias[adapter] if adapter in self.ders_bias else {}
         bias = {n: (biases[n].weight if n in biases else None) for n in self.layout.projs}
-        ffn_args = (
+        y = routed_ffn(
             xf,
             plan,
             in_base,
@@ -214,9 +217,6 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
             ffn.activation(self.base_layer, self.layout),
             self.layout.gated,
         )
-        y = small_batch_ffn(*ffn_args)  # generation: few tokens, no autograd (None when it does not apply)
-        if y is None:
-            y = routed_ffn(*ffn_args)
         y = self._add_router_losses(y, logits, probs, plan.expert_idx[:, : config.top_k], config)
         y = y.view(*shape[:-1], y.shape[-1])
         if self.layout.dropout_attr:
