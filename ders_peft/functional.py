@@ -61,9 +61,9 @@ def routed_ffn(
 
 
 SLOT_CHUNK_ELEMENTS = 2**19
-"""Per-slot work of the low-rank path runs in token chunks whose ``(S, chunk, intermediate)`` tensors hold about this
-many elements (2 MiB in fp32), so the elementwise work stays in cache; tunable (2**19 measured best of 2**16-2**23
-on a 2-core Xeon, hidden 512, intermediate 1408, 2048 tokens, top-2)."""
+"""Per-slot work of the low-rank path runs in token chunks whose ``(chunk, S, intermediate)`` tensors hold about this
+many elements (2 MiB in fp32), so the elementwise work stays in cache; tunable (2**18-2**19 measured best of
+2**16-2**23 on a 2-core Xeon, hidden 512, intermediate 1408, 2048 tokens, top-2)."""
 
 
 def _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias) -> bool:
@@ -93,24 +93,32 @@ def lowrank_routed_ffn(
     products, activation, router mixing, down-side ``A`` product) runs in :class:`_LowRankSlots`, which works in
     token chunks and recomputes it in backward instead of storing ``(T, S, intermediate)`` activations.
     """
-    rank = out_delta.rank
-    flat: list[torch.Tensor] = []
-    for weight, delta in zip(in_base, in_deltas, strict=True):
-        flat += [x @ weight.t(), x @ delta.lora_a.weight.t(), _scaled_b(delta)]
-    widths = [f.shape[-1] for f in flat[::3]]
+    bases = [x @ weight.t() for weight in in_base]
+    widths = [b.shape[-1] for b in bases]
     if (gated and len(widths) == 2 and widths[0] != widths[1]) or (gated and len(widths) == 1 and widths[0] % 2):
         raise ValueError(f"gated FFN needs gate and up projections of equal width, got {widths}")
+    a_in = torch.cat([d.lora_a.weight for d in in_deltas]) if len(in_deltas) > 1 else in_deltas[0].lora_a.weight
+    z = x @ a_in.t()  # (T, n_in * E*r): every input projection's A product in one matmul
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    flat = [t.to(dtype) for t in flat]  # under autocast: one compute dtype, cast outside (autograd casts grads back)
-    mask = plan.slot_rank_mask(rank, dtype)
-    weights = plan.weights.to(dtype).t()
+    # under autocast: one compute dtype, cast outside (autograd casts grads back)
+    flat = [t.to(dtype) for t in (z, *(_scaled_b(d) for d in in_deltas), *bases)]
+    mask = slot_rank_mask(plan, out_delta.rank, dtype)
     with torch.autocast(device, enabled=False):
-        mixed, z_out = _LowRankSlots.apply((act, gated), weights, mask, out_delta.lora_a.weight.to(dtype), *flat)
+        mixed, z_out = _LowRankSlots.apply(
+            (act, gated), plan.weights.to(dtype), mask, out_delta.lora_a.weight.to(dtype), *flat
+        )
     y = torch.addmm(mixed @ out_base.t(), z_out, _scaled_b(out_delta).t())
     if out_bias is not None:
         y = y + plan.gate_matrix(y.dtype) @ out_bias.to(y.dtype)
     return y
+
+
+def slot_rank_mask(plan: RoutingPlan, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """Token-major ``(T, S, E * rank)`` 0/1 mask keeping, per slot, the ``rank`` columns of its expert in a stacked
+    low-rank factor (expert-major blocks)."""
+    hot = plan.one_hot(dtype)  # (T, S, E)
+    return hot.unsqueeze(-1).expand(*hot.shape, rank).reshape(*hot.shape[:2], -1)
 
 
 def _scaled_b(delta: LowRankDelta) -> torch.Tensor:
@@ -118,60 +126,90 @@ def _scaled_b(delta: LowRankDelta) -> torch.Tensor:
     return b * delta.scale if delta.scale != 1.0 else b
 
 
-def _slot_chunk(num_slots: int, width: int, tokens: int) -> int:
-    return max(1, min(tokens, SLOT_CHUNK_ELEMENTS // max(1, num_slots * width)))
+def _is_silu(act: Activation) -> bool:
+    if act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU):
+        return True
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(act, SiLUActivation)
 
 
-def _slot_pre(flat, mask_c: torch.Tensor, rows: slice) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-slot pre-activations ``base + (z * mask) B^T`` of one token chunk, and the masked ``z`` (for backward)."""
-    pres, masked = [], []
-    for base, z, b in zip(flat[0::3], flat[1::3], flat[2::3], strict=True):
-        zm = z[rows].unsqueeze(0) * mask_c  # (S, c, E*r)
-        pre = (zm.reshape(-1, zm.shape[-1]) @ b.t()).view(*zm.shape[:2], b.shape[0])
-        pres.append(pre.add_(base[rows]))
-        masked.append(zm)
-    return pres, masked
+class _ChunkScratch:
+    """Chunk-sized work tensors, allocated once per call and reused by every chunk: a fresh allocation per chunk
+    costs page faults that cost more than the elementwise work itself."""
+
+    def __init__(
+        self, like: torch.Tensor, chunk: int, num_slots: int, pre_width: int, width: int, z_width: int, k: int
+    ):
+        new = like.new_empty
+        self.zm = new(chunk, num_slots, z_width)  # z of every input projection, masked to the slot's expert
+        self.pre = new(chunk, num_slots, pre_width)  # pre-activations of every input projection, side by side
+        self.act = new(chunk, num_slots, width)  # act(gate)
+        self.h = new(chunk, num_slots, width)  # act(gate) * up
+        self.small = new(chunk, num_slots, k)
+
+    def rows(self, c: int) -> tuple[torch.Tensor, ...]:
+        return self.zm[:c], self.pre[:c], self.act[:c], self.h[:c], self.small[:c]
 
 
-def _split_gate_up(pres: list[torch.Tensor], gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not gated:
-        return pres[0], None
-    if len(pres) == 2:
-        return pres[0], pres[1]
-    gate, up = pres[0].chunk(2, dim=-1)
-    return gate, up
+def _slot_forward(spec, z_c, mask_c, bs, bases, rows: slice, scratch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-slot ``pre_j = base_j + (z_j * mask) B_j^T``, ``act(gate)`` and ``h`` of one chunk, into ``scratch``;
+    returns ``h`` ``(c, S, width)``."""
+    act, gated, silu = spec
+    zm, pre, a, h, _ = scratch
+    c, S, k = mask_c.shape
+    torch.mul(z_c.view(c, 1, -1, k), mask_c.unsqueeze(2), out=zm.view(c, S, -1, k))
+    zm2, pre2 = zm.view(c * S, -1), pre.view(c * S, -1)
+    col = 0
+    for j, (b, base) in enumerate(zip(bs, bases, strict=True)):
+        cols = slice(col, col + b.shape[0])
+        torch.mm(zm2[:, j * k : (j + 1) * k], b.t(), out=pre2[:, cols])
+        pre[..., cols].add_(base[rows].unsqueeze(1))
+        col = cols.stop
+    width = a.shape[-1]
+    if silu:
+        torch.ops.aten.silu.out(pre[..., :width], out=a)
+    else:
+        a.copy_(act(pre[..., :width]))
+    return torch.mul(a, pre[..., width:], out=h) if gated else a
 
 
 class _LowRankSlots(torch.autograd.Function):
     """Per-slot core of the low-rank routed FFN: returns ``mixed = sum_s w_s h_s`` ``(T, I)`` and
     ``z_out = sum_s w_s mask_s * (h_s A_out^T)`` ``(T, E*r)``, where ``h_s = act(pre_gate_s) * pre_up_s`` (or
-    ``act(pre_s)``) and ``pre_j,s = base_j + (z_j * mask_s) B_j^T``. Inputs: ``weights`` ``(S, T)``, ``mask``
-    ``(S, T, E*r)``, ``a_out`` ``(E*r, I)`` and per input projection ``base_j`` ``(T, out_j)``, ``z_j`` ``(T, E*r)``,
-    ``B_j`` ``(out_j, E*r)``. Nothing of size ``(S, T, I)`` is stored for backward: it is recomputed per chunk."""
+    ``act(pre_s)``) and ``pre_j,s = base_j + (z_j * mask_s) B_j^T``. Inputs: ``weights`` ``(T, S)``, ``mask``
+    ``(T, S, E*r)``, ``a_out`` ``(E*r, I)``, ``z`` ``(T, n*E*r)`` (the ``z_j`` side by side), then the ``n`` input
+    projections' ``B_j`` ``(out_j, E*r)`` and their ``base_j`` ``(T, out_j)``. Nothing of size ``(T, S, I)`` is stored
+    for backward: it is recomputed per chunk, in scratch tensors reused across chunks."""
 
     @staticmethod
-    def forward(ctx, spec, weights, mask, a_out, *flat):
+    def forward(ctx, spec, weights, mask, a_out, z, *flat):
         act, gated = spec
-        S, T = weights.shape
-        width = a_out.shape[1]
-        mixed = flat[0].new_empty(T, width)
-        z_out = flat[0].new_empty(T, a_out.shape[0])
+        n = len(flat) // 2
+        bs, bases = flat[:n], flat[n:]
+        T, S = weights.shape
+        width, k = a_out.shape[1], a_out.shape[0]
+        mixed = z.new_empty(T, width)
+        z_out = z.new_empty(T, k)
         z_slots = mask.new_empty(mask.shape)  # per-slot h_s A_out^T, small, kept for the router-weight gradient
         chunk = _slot_chunk(S, width, T)
+        scratch = _ChunkScratch(z, chunk, S, sum(b.shape[-1] for b in bases), width, z.shape[-1], k)
+        fspec = (act, gated, _is_silu(act))
         for start in range(0, T, chunk):
             rows = slice(start, start + chunk)
-            mask_c, w_c = mask[:, rows], weights[:, rows].unsqueeze(-1)
-            pres, _ = _slot_pre(flat, mask_c, rows)
-            gate, up = _split_gate_up(pres, gated)
-            h = act(gate) * up if gated else act(gate)
-            mixed_c = torch.mul(h[0], w_c[0], out=mixed[rows])
+            mask_c, w_c = mask[rows], weights[rows].unsqueeze(-1)
+            work = scratch.rows(mask_c.shape[0])
+            h = _slot_forward(fspec, z[rows], mask_c, bs, bases, rows, work)
+            mixed_c = torch.mul(h[:, 0], w_c[:, 0], out=mixed[rows])
             for s in range(1, S):
-                mixed_c.addcmul_(h[s], w_c[s])
-            zd = (h.reshape(-1, width) @ a_out.t()).view_as(mask_c)
-            z_slots[:, rows] = zd
-            torch.sum(zd * (mask_c * w_c), dim=0, out=z_out[rows])
-        ctx.spec, ctx.dtype = spec, mixed.dtype
-        ctx.save_for_backward(weights, mask, a_out, z_slots, *flat)
+                mixed_c.addcmul_(h[:, s], w_c[:, s])
+            zd = z_slots[rows]
+            torch.mm(h.view(-1, width), a_out.t(), out=zd.view(-1, k))
+            torch.sum(torch.mul(mask_c, w_c, out=work[-1]).mul_(zd), dim=1, out=z_out[rows])
+        ctx.spec, ctx.dtype = fspec, mixed.dtype
+        ctx.save_for_backward(weights, mask, a_out, z, z_slots, *flat)
         return mixed, z_out
 
     @staticmethod
@@ -181,54 +219,77 @@ class _LowRankSlots(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_mixed, d_z_out):
-        act, gated = ctx.spec
-        weights, mask, a_out, z_slots, *flat = ctx.saved_tensors
+        act, gated, silu = ctx.spec
+        weights, mask, a_out, z, z_slots, *flat = ctx.saved_tensors
+        n = len(flat) // 2
+        bs, bases = flat[:n], flat[n:]
         need = ctx.needs_input_grad
-        S, T = weights.shape
-        width = a_out.shape[1]
+        T, S = weights.shape
+        width, k = a_out.shape[1], a_out.shape[0]
+        pre_width = sum(b.shape[-1] for b in bases)
         d_weights = torch.empty_like(weights) if need[1] else None  # every row block is written once below
         d_a_out = torch.zeros_like(a_out) if need[3] else None
-        d_flat = [  # base and z gradients are written per row block; B gradients accumulate
-            (torch.zeros_like(t) if i % 3 == 2 else torch.empty_like(t)) if need[4 + i] else None
-            for i, t in enumerate(flat)
-        ]
+        d_z = torch.empty_like(z) if need[4] else None
+        d_bs = [torch.zeros_like(b) if need[5 + j] else None for j, b in enumerate(bs)]  # accumulate over chunks
+        d_bases = [torch.empty_like(b) if need[5 + n + j] else None for j, b in enumerate(bases)]
         chunk = _slot_chunk(S, width, T)
+        scratch = _ChunkScratch(z, chunk, S, pre_width, width, z.shape[-1], k)
+        new = z.new_empty
+        d_h_all, d_pre_all, tmp_all = new(chunk, S, width), new(chunk, S, pre_width), new(chunk, S, width)
+        d_zm_all = new(chunk, S, z.shape[-1])
         for start in range(0, T, chunk):
             rows = slice(start, start + chunk)
-            mask_c, w_c = mask[:, rows], weights[:, rows].unsqueeze(-1)
-            pres, masked = _slot_pre(flat, mask_c, rows)
-            gate, up = _split_gate_up(pres, gated)
-            with torch.enable_grad():
-                gate_leaf = gate.detach().requires_grad_()
-                activated = act(gate_leaf)
-            h = activated.detach() * up if gated else activated.detach()
-            dm = d_mixed[rows].unsqueeze(0)
-            d_zd = d_z_out[rows].unsqueeze(0) * mask_c * w_c  # (S, c, E*r)
-            d_h = (d_zd.reshape(-1, d_zd.shape[-1]) @ a_out).view_as(h).addcmul_(w_c, dm)
+            mask_c, w_c = mask[rows], weights[rows].unsqueeze(-1)
+            c = mask_c.shape[0]
+            work = scratch.rows(c)
+            zm, pre, a, _, d_zd = work
+            d_h, d_pre, tmp, d_zm = d_h_all[:c], d_pre_all[:c], tmp_all[:c], d_zm_all[:c]
+            h = _slot_forward(ctx.spec, z[rows], mask_c, bs, bases, rows, work)
+            dm = d_mixed[rows].unsqueeze(1)
+            torch.mul(mask_c, w_c, out=d_zd).mul_(d_z_out[rows].unsqueeze(1))  # (c, S, E*r)
+            torch.mm(d_zd.view(-1, k), a_out, out=d_h.view(-1, width))
+            d_h.addcmul_(w_c, dm)
             if d_weights is not None:
-                zd = z_slots[:, rows]
-                d_weights[:, rows] = (h * dm).sum(-1) + (zd * mask_c * d_z_out[rows].unsqueeze(0)).sum(-1)
+                dw = torch.sum(torch.mul(h, dm, out=tmp), dim=-1, out=d_weights[rows])
+                dw.add_((z_slots[rows] * mask_c * d_z_out[rows].unsqueeze(1)).sum(-1))
             if d_a_out is not None:
-                d_a_out.addmm_(d_zd.reshape(-1, d_zd.shape[-1]).t(), h.reshape(-1, width))
-            d_act = d_h * up if gated else d_h
-            (d_gate,) = torch.autograd.grad(activated, gate_leaf, d_act)
-            if not gated:
-                d_pres = [d_gate]
-            elif len(pres) == 2:
-                d_pres = [d_gate, d_h * activated.detach()]
+                d_a_out.addmm_(d_zd.view(-1, k).t(), h.view(-1, width))
+            gate, d_gate = pre[..., :width], d_pre[..., :width]
+            d_act = torch.mul(d_h, pre[..., width:], out=tmp) if gated else d_h
+            if silu:  # d silu(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))), one fused kernel
+                torch.ops.aten.silu_backward.grad_input(d_act, gate, grad_input=d_gate)
             else:
-                d_pres = [torch.cat([d_gate, d_h * activated.detach()], dim=-1)]
-            for j, (d_pre, zm) in enumerate(zip(d_pres, masked, strict=True)):
-                d_base, d_z, d_b = d_flat[3 * j : 3 * j + 3]
-                b = flat[3 * j + 2]
-                d_pre2 = d_pre.reshape(-1, d_pre.shape[-1])
-                if d_base is not None:
-                    torch.sum(d_pre, dim=0, out=d_base[rows])
+                with torch.enable_grad():
+                    gate_leaf = gate.detach().requires_grad_()
+                    activated = act(gate_leaf)
+                d_gate.copy_(torch.autograd.grad(activated, gate_leaf, d_act)[0])
+            if gated:
+                torch.mul(d_h, a, out=d_pre[..., width:])
+            d_pre2, zm2, d_zm2 = d_pre.view(c * S, -1), zm.view(c * S, -1), d_zm.view(c * S, -1)
+            col = 0
+            for j, b in enumerate(bs):
+                cols, zcols = slice(col, col + b.shape[0]), slice(j * k, (j + 1) * k)
+                if d_bases[j] is not None:  # the base is shared by the slots: sum their gradients
+                    d_slot, d_base = d_pre[..., cols], d_bases[j][rows]
+                    if S == 1:
+                        d_base.copy_(d_slot[:, 0])
+                    else:
+                        torch.add(d_slot[:, 0], d_slot[:, 1], out=d_base)
+                    for s in range(2, S):
+                        d_base.add_(d_slot[:, s])
                 if d_z is not None:
-                    d_z[rows] = ((d_pre2 @ b).view_as(zm) * mask_c).sum(0)
-                if d_b is not None:
-                    d_b.addmm_(d_pre2.t(), zm.reshape(-1, zm.shape[-1]))
-        return None, d_weights, None, d_a_out, *d_flat
+                    torch.mm(d_pre2[:, cols], b, out=d_zm2[:, zcols])
+                if d_bs[j] is not None:
+                    d_bs[j].addmm_(d_pre2[:, cols].t(), zm2[:, zcols])
+                col = cols.stop
+            if d_z is not None:
+                d_zm.view(c, S, -1, k).mul_(mask_c.unsqueeze(2))
+                torch.sum(d_zm, dim=1, out=d_z[rows])
+        return None, d_weights, None, d_a_out, d_z, *d_bs, *d_bases
+
+
+def _slot_chunk(num_slots: int, width: int, tokens: int) -> int:
+    return max(1, min(tokens, SLOT_CHUNK_ELEMENTS // max(1, num_slots * width)))
 
 
 def swiglu_or_act(pre: torch.Tensor, act: Activation, gated: bool) -> torch.Tensor:

@@ -49,28 +49,36 @@ def test_fast_path_matches_generic_path(monkeypatch, family, shared, top_k, trai
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("gated,num_in", [(True, 2), (True, 1), (False, 1)])
-def test_slot_core_gradcheck(monkeypatch, gated, num_in):
-    """Double-precision gradcheck of the hand-written backward, with chunking."""
+@pytest.mark.parametrize(
+    "gated,num_in,act",
+    [
+        (True, 2, torch.nn.functional.silu),
+        (True, 1, torch.nn.SiLU()),
+        (False, 1, torch.nn.functional.silu),
+        (True, 2, torch.nn.functional.gelu),  # not SiLU: the backward differentiates the activation by autograd
+        (False, 1, torch.tanh),
+    ],
+)
+@pytest.mark.parametrize("num_slots", [1, 3])
+def test_slot_core_gradcheck(monkeypatch, gated, num_in, act, num_slots):
+    """Double-precision gradcheck of the hand-written backward, with chunking (several chunks, a ragged last one)."""
     monkeypatch.setattr(functional, "SLOT_CHUNK_ELEMENTS", 40)
     gen = torch.Generator().manual_seed(0)
-    S, T, E, r, inter = 2, 5, 3, 2, 4
+    S, T, E, r, inter = num_slots, 5, 3, 2, 4
     out_w = inter * (2 if gated and num_in == 1 else 1)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
 
-    idx = torch.randint(0, E, (S, T), generator=gen)
-    mask = torch.nn.functional.one_hot(idx, E).double().repeat_interleave(r, dim=-1)
-    flat = []
-    for _ in range(num_in):
-        flat += [rnd(T, out_w), rnd(T, E * r), rnd(out_w, E * r)]
-    spec = (torch.nn.functional.silu, gated)
+    idx = torch.randint(0, E, (T, S), generator=gen)
+    mask = torch.nn.functional.one_hot(idx, E).double().repeat_interleave(r, dim=-1)  # (T, S, E*r)
+    bs = [rnd(out_w, E * r) for _ in range(num_in)]
+    bases = [rnd(T, out_w) for _ in range(num_in)]
 
-    def fn(weights, a_out, *flat):
-        return _LowRankSlots.apply(spec, weights, mask, a_out, *flat)
+    def fn(weights, a_out, z, *flat):
+        return _LowRankSlots.apply((act, gated), weights, mask, a_out, z, *flat)
 
-    assert torch.autograd.gradcheck(fn, (rnd(S, T), rnd(E * r, inter), *flat))
+    assert torch.autograd.gradcheck(fn, (rnd(T, S), rnd(E * r, inter), rnd(T, num_in * E * r), *bs, *bases))
 
 
 @pytest.mark.parametrize("backward_inside", [False, True])
