@@ -89,20 +89,22 @@ def lowrank_routed_ffn(
 ) -> torch.Tensor:
     """``routed_ffn`` for low-rank deltas without per-expert input biases (same result, faster, less memory).
 
-    The base and ``A`` projections of ``x`` run once per token (autograd); the per-slot part (block-masked ``B``
-    products, activation, router mixing, down-side ``A`` product) runs in :class:`_LowRankSlots`, which works in
-    token chunks and recomputes it in backward instead of storing ``(T, S, intermediate)`` activations.
+    The base and ``A`` projections of ``x`` run once per token (one matmul each for all input projections,
+    autograd); the per-slot part (block-masked ``B`` products, activation, router mixing, down-side ``A`` product)
+    runs in :class:`_LowRankSlots`, which works in token chunks and recomputes it in backward instead of storing
+    ``(T, S, intermediate)`` activations.
     """
-    bases = [x @ weight.t() for weight in in_base]
-    widths = [b.shape[-1] for b in bases]
+    widths = [w.shape[0] for w in in_base]
     if (gated and len(widths) == 2 and widths[0] != widths[1]) or (gated and len(widths) == 1 and widths[0] % 2):
         raise ValueError(f"gated FFN needs gate and up projections of equal width, got {widths}")
     a_in = torch.cat([d.lora_a.weight for d in in_deltas]) if len(in_deltas) > 1 else in_deltas[0].lora_a.weight
-    z = x @ a_in.t()  # (T, n_in * E*r): every input projection's A product in one matmul
+    w_in = torch.cat(list(in_base)) if len(in_base) > 1 else in_base[0]
+    base = x @ w_in.t()  # (T, sum of out_j): every input projection's base product in one matmul
+    z = x @ a_in.t()  # (T, n_in * E*r): likewise their A products
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     # under autocast: one compute dtype, cast outside (autograd casts grads back)
-    flat = [t.to(dtype) for t in (z, *(_scaled_b(d) for d in in_deltas), *bases)]
+    flat = [t.to(dtype) for t in (z, base, *(_scaled_b(d) for d in in_deltas))]
     mask = slot_rank_mask(plan, out_delta.rank, dtype)
     with torch.autocast(device, enabled=False):
         mixed, z_out = _LowRankSlots.apply(
@@ -154,7 +156,7 @@ class _ChunkScratch:
         return self.zm[:c], self.pre[:c], self.act[:c], self.h[:c], self.small[:c]
 
 
-def _slot_forward(spec, z_c, mask_c, bs, bases, rows: slice, scratch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _slot_forward(spec, z_c, mask_c, bs, base_c, scratch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Per-slot ``pre_j = base_j + (z_j * mask) B_j^T``, ``act(gate)`` and ``h`` of one chunk, into ``scratch``;
     returns ``h`` ``(c, S, width)``."""
     act, gated, silu = spec
@@ -163,11 +165,10 @@ def _slot_forward(spec, z_c, mask_c, bs, bases, rows: slice, scratch: tuple[torc
     torch.mul(z_c.view(c, 1, -1, k), mask_c.unsqueeze(2), out=zm.view(c, S, -1, k))
     zm2, pre2 = zm.view(c * S, -1), pre.view(c * S, -1)
     col = 0
-    for j, (b, base) in enumerate(zip(bs, bases, strict=True)):
-        cols = slice(col, col + b.shape[0])
-        torch.mm(zm2[:, j * k : (j + 1) * k], b.t(), out=pre2[:, cols])
-        pre[..., cols].add_(base[rows].unsqueeze(1))
-        col = cols.stop
+    for j, b in enumerate(bs):
+        torch.mm(zm2[:, j * k : (j + 1) * k], b.t(), out=pre2[:, col : col + b.shape[0]])
+        col += b.shape[0]
+    pre.add_(base_c.unsqueeze(1))
     width = a.shape[-1]
     if silu:
         torch.ops.aten.silu.out(pre[..., :width], out=a)
@@ -180,28 +181,26 @@ class _LowRankSlots(torch.autograd.Function):
     """Per-slot core of the low-rank routed FFN: returns ``mixed = sum_s w_s h_s`` ``(T, I)`` and
     ``z_out = sum_s w_s mask_s * (h_s A_out^T)`` ``(T, E*r)``, where ``h_s = act(pre_gate_s) * pre_up_s`` (or
     ``act(pre_s)``) and ``pre_j,s = base_j + (z_j * mask_s) B_j^T``. Inputs: ``weights`` ``(T, S)``, ``mask``
-    ``(T, S, E*r)``, ``a_out`` ``(E*r, I)``, ``z`` ``(T, n*E*r)`` (the ``z_j`` side by side), then the ``n`` input
-    projections' ``B_j`` ``(out_j, E*r)`` and their ``base_j`` ``(T, out_j)``. Nothing of size ``(T, S, I)`` is stored
-    for backward: it is recomputed per chunk, in scratch tensors reused across chunks."""
+    ``(T, S, E*r)``, ``a_out`` ``(E*r, I)``, ``z`` ``(T, n*E*r)`` (the ``z_j`` side by side), ``base`` ``(T, sum_j
+    out_j)`` (the ``base_j`` side by side), then the ``n`` input projections' ``B_j`` ``(out_j, E*r)``. Nothing of
+    size ``(T, S, I)`` is stored for backward: it is recomputed per chunk, in scratch tensors reused across chunks."""
 
     @staticmethod
-    def forward(ctx, spec, weights, mask, a_out, z, *flat):
+    def forward(ctx, spec, weights, mask, a_out, z, base, *bs):
         act, gated = spec
-        n = len(flat) // 2
-        bs, bases = flat[:n], flat[n:]
         T, S = weights.shape
         width, k = a_out.shape[1], a_out.shape[0]
         mixed = z.new_empty(T, width)
         z_out = z.new_empty(T, k)
         z_slots = mask.new_empty(mask.shape)  # per-slot h_s A_out^T, small, kept for the router-weight gradient
         chunk = _slot_chunk(S, width, T)
-        scratch = _ChunkScratch(z, chunk, S, sum(b.shape[-1] for b in bases), width, z.shape[-1], k)
+        scratch = _ChunkScratch(z, chunk, S, base.shape[-1], width, z.shape[-1], k)
         fspec = (act, gated, _is_silu(act))
         for start in range(0, T, chunk):
             rows = slice(start, start + chunk)
             mask_c, w_c = mask[rows], weights[rows].unsqueeze(-1)
             work = scratch.rows(mask_c.shape[0])
-            h = _slot_forward(fspec, z[rows], mask_c, bs, bases, rows, work)
+            h = _slot_forward(fspec, z[rows], mask_c, bs, base[rows], work)
             mixed_c = torch.mul(h[:, 0], w_c[:, 0], out=mixed[rows])
             for s in range(1, S):
                 mixed_c.addcmul_(h[:, s], w_c[:, s])
@@ -209,7 +208,7 @@ class _LowRankSlots(torch.autograd.Function):
             torch.mm(h.view(-1, width), a_out.t(), out=zd.view(-1, k))
             torch.sum(torch.mul(mask_c, w_c, out=work[-1]).mul_(zd), dim=1, out=z_out[rows])
         ctx.spec, ctx.dtype = fspec, mixed.dtype
-        ctx.save_for_backward(weights, mask, a_out, z, z_slots, *flat)
+        ctx.save_for_backward(weights, mask, a_out, z, base, z_slots, *bs)
         return mixed, z_out
 
     @staticmethod
@@ -220,18 +219,16 @@ class _LowRankSlots(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_mixed, d_z_out):
         act, gated, silu = ctx.spec
-        weights, mask, a_out, z, z_slots, *flat = ctx.saved_tensors
-        n = len(flat) // 2
-        bs, bases = flat[:n], flat[n:]
+        weights, mask, a_out, z, base, z_slots, *bs = ctx.saved_tensors
         need = ctx.needs_input_grad
         T, S = weights.shape
         width, k = a_out.shape[1], a_out.shape[0]
-        pre_width = sum(b.shape[-1] for b in bases)
+        pre_width = base.shape[-1]
         d_weights = torch.empty_like(weights) if need[1] else None  # every row block is written once below
         d_a_out = torch.zeros_like(a_out) if need[3] else None
         d_z = torch.empty_like(z) if need[4] else None
-        d_bs = [torch.zeros_like(b) if need[5 + j] else None for j, b in enumerate(bs)]  # accumulate over chunks
-        d_bases = [torch.empty_like(b) if need[5 + n + j] else None for j, b in enumerate(bases)]
+        d_base = torch.empty_like(base) if need[5] else None
+        d_bs = [torch.zeros_like(b) if need[6 + j] else None for j, b in enumerate(bs)]  # accumulate over chunks
         chunk = _slot_chunk(S, width, T)
         scratch = _ChunkScratch(z, chunk, S, pre_width, width, z.shape[-1], k)
         new = z.new_empty
@@ -244,7 +241,7 @@ class _LowRankSlots(torch.autograd.Function):
             work = scratch.rows(c)
             zm, pre, a, _, d_zd = work
             d_h, d_pre, tmp, d_zm = d_h_all[:c], d_pre_all[:c], tmp_all[:c], d_zm_all[:c]
-            h = _slot_forward(ctx.spec, z[rows], mask_c, bs, bases, rows, work)
+            h = _slot_forward(ctx.spec, z[rows], mask_c, bs, base[rows], work)
             dm = d_mixed[rows].unsqueeze(1)
             torch.mul(mask_c, w_c, out=d_zd).mul_(d_z_out[rows].unsqueeze(1))  # (c, S, E*r)
             torch.mm(d_zd.view(-1, k), a_out, out=d_h.view(-1, width))
@@ -265,18 +262,18 @@ class _LowRankSlots(torch.autograd.Function):
                 d_gate.copy_(torch.autograd.grad(activated, gate_leaf, d_act)[0])
             if gated:
                 torch.mul(d_h, a, out=d_pre[..., width:])
+            if d_base is not None:  # the base is shared by the slots: sum their gradients
+                d_base_c = d_base[rows]
+                if S == 1:
+                    d_base_c.copy_(d_pre[:, 0])
+                else:
+                    torch.add(d_pre[:, 0], d_pre[:, 1], out=d_base_c)
+                for s in range(2, S):
+                    d_base_c.add_(d_pre[:, s])
             d_pre2, zm2, d_zm2 = d_pre.view(c * S, -1), zm.view(c * S, -1), d_zm.view(c * S, -1)
             col = 0
             for j, b in enumerate(bs):
                 cols, zcols = slice(col, col + b.shape[0]), slice(j * k, (j + 1) * k)
-                if d_bases[j] is not None:  # the base is shared by the slots: sum their gradients
-                    d_slot, d_base = d_pre[..., cols], d_bases[j][rows]
-                    if S == 1:
-                        d_base.copy_(d_slot[:, 0])
-                    else:
-                        torch.add(d_slot[:, 0], d_slot[:, 1], out=d_base)
-                    for s in range(2, S):
-                        d_base.add_(d_slot[:, s])
                 if d_z is not None:
                     torch.mm(d_pre2[:, cols], b, out=d_zm2[:, zcols])
                 if d_bs[j] is not None:
@@ -285,7 +282,7 @@ class _LowRankSlots(torch.autograd.Function):
             if d_z is not None:
                 d_zm.view(c, S, -1, k).mul_(mask_c.unsqueeze(2))
                 torch.sum(d_zm, dim=1, out=d_z[rows])
-        return None, d_weights, None, d_a_out, d_z, *d_bs, *d_bases
+        return None, d_weights, None, d_a_out, d_z, d_base, *d_bs
 
 
 def _slot_chunk(num_slots: int, width: int, tokens: int) -> int:

@@ -73,12 +73,12 @@ def test_slot_core_gradcheck(monkeypatch, gated, num_in, act, num_slots):
     idx = torch.randint(0, E, (T, S), generator=gen)
     mask = torch.nn.functional.one_hot(idx, E).double().repeat_interleave(r, dim=-1)  # (T, S, E*r)
     bs = [rnd(out_w, E * r) for _ in range(num_in)]
-    bases = [rnd(T, out_w) for _ in range(num_in)]
 
-    def fn(weights, a_out, z, *flat):
-        return _LowRankSlots.apply((act, gated), weights, mask, a_out, z, *flat)
+    def fn(weights, a_out, z, base, *bs):
+        return _LowRankSlots.apply((act, gated), weights, mask, a_out, z, base, *bs)
 
-    assert torch.autograd.gradcheck(fn, (rnd(T, S), rnd(E * r, inter), rnd(T, num_in * E * r), *bs, *bases))
+    inputs = (rnd(T, S), rnd(E * r, inter), rnd(T, num_in * E * r), rnd(T, num_in * out_w), *bs)
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("backward_inside", [False, True])
