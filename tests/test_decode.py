@@ -115,3 +115,22 @@ def test_greedy_generation_unchanged():
         logits = model(input_ids=steps[-1]).logits[:, -1]
         steps.append(torch.cat([steps[-1], logits.argmax(-1, keepdim=True)], dim=1))
     assert torch.equal(fast, steps[-1])
+
+
+def test_generation_benchmark_quick_mode(tmp_path):
+    """``benchmarks/generation.py --quick`` (the CI-sized run) completes and the DeRS arms (factorised and merged)
+    generate exactly the exported checkpoint's tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "generation.py"
+    out = tmp_path / "report.md"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert "| DeRS, factorised |" in report and "| DeRS, merge_adapter() |" in report
+    rows = [line for line in report.splitlines() if line.startswith("| DeRS")]
+    assert len(rows) == 2 and all(row.rstrip().endswith("| yes |") for row in rows)
