@@ -229,6 +229,29 @@ def test_merge_and_unload_returns_standard_moe():
         torch.testing.assert_close(moe(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "family,model_kw,arch",
+    [
+        ("mistral", {"sliding_window": 3}, "qwen2_moe"),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}, "qwen2_moe"),
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 0}, "qwen3_moe"),
+    ],
+)
+def test_sliding_window_sources(family, model_kw, arch):
+    """Sliding-window attention (per block for Qwen2: full and sliding blocks mixed) carries over exactly; the
+    12-token input is longer than the window, so a dropped window would change the logits."""
+    model = ders_model(family, model_kw, layers_to_transform=[0, 2])
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    moe = convert_to_moe(model, arch)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    if arch == "qwen2_moe":
+        want = ["full_attention", "sliding_attention", "sliding_attention"] if family == "qwen2" else None
+        assert moe.config.layer_types == (want or ["sliding_attention"] * 3)
+    else:
+        assert moe.config.sliding_window == 3
+
+
 def test_modules_to_save_copy_is_carried_over():
     model = tiny_model("llama", layers=2)
     peft_model = get_peft_model(model, ders_peft.DeRSConfig(num_experts=3, top_k=2, modules_to_save=["lm_head"]))
