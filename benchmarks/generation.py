@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--delta-type", default="lowrank", choices=("lowrank", "sparse", "full"))
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--sizes", default=None, help="comma-separated hidden sizes of FULL to run (default: all)")
     parser.add_argument(
         "--out",
         default=None,
@@ -306,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sizes = [QUICK] if args.quick else FULL
+    if args.sizes and not args.quick:
+        wanted = {int(h) for h in args.sizes.split(",")}
+        sizes = [size for size in FULL if size["hidden"] in wanted]
+        if not sizes:
+            parser.error(f"--sizes={args.sizes!r}: allowed hidden sizes are {[size['hidden'] for size in FULL]}")
     ders = {"num_experts": args.num_experts, "top_k": args.top_k, "delta_type": args.delta_type, "rank": args.rank}
     if args.delta_type == "sparse":
         ders["sparse_rate"] = 0.999

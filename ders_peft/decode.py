@@ -9,6 +9,8 @@ gradient is needed):
   (their weights stacked once and cached until a parameter changes); the base projections run once on ``x``; a block
   mask keeps each slot's ``r`` columns and one ``addmm`` per projection adds the slot's delta; the down side mixes the
   slots by router weight before the base down projection;
+- sparse deltas: each slot gathers the input entries its expert's delta reads and scatter-adds the products into the
+  base projection's output (row/column positions of the fixed indices cached);
 - whole expert weights (vanilla experts, or experts materialised by ``merge_adapter``), while there are at most as
   many slots as experts: one plain FFN per slot on the selected expert's matrices, with no sorting or permutation.
 """
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from transformers.activations import SiLUActivation
 
 from . import ffn
-from .deltas import FullDelta, LowRankDelta
+from .deltas import FullDelta, LowRankDelta, SparseDelta
 from .routing import SHARED_EXPERT_MIX
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -34,6 +36,7 @@ MAX_DECODE_TOKENS = 16
 _SILU_TYPES = (torch.nn.SiLU, SiLUActivation)
 _BLOCK_MASKS: dict[tuple, torch.Tensor] = {}
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SPARSE_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def block_mask(num_experts: int, rank: int, copies: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -62,7 +65,7 @@ def route_small(logits: torch.Tensor, top_k: int, normalize: bool, shared: bool)
 
 def layer_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
     """The output of DeRS ``layer`` for ``x`` ``(T, hidden)``, or ``None`` when the fast path does not apply
-    (gradient enabled, more than ``MAX_DECODE_TOKENS`` tokens, sparse deltas, mixed dtypes)."""
+    (gradient enabled, more than ``MAX_DECODE_TOKENS`` tokens, mixed dtypes, many slots for whole experts)."""
     if torch.is_grad_enabled() or x.shape[0] > MAX_DECODE_TOKENS:
         return None
     config = layer.ders_settings[adapter]
@@ -74,6 +77,13 @@ def layer_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
         if pack is None:
             return None
         return _lowrank(layer, adapter, config, pack, x)
+    if all(type(deltas[n]) is SparseDelta for n in lay.projs):
+        weights = [layer.base_weight(adapter, n) for n in lay.projs]
+        router = layer.ders_router[adapter].weight
+        if any(t.dtype != x.dtype for t in (router, *weights, *(deltas[n].weight for n in lay.projs))):
+            return None
+        idx, w = route_small(F.linear(x, router), config.top_k, config.normalize_top_k, config.shared_expert)
+        return _sparse(layer, adapter, deltas, weights, idx, w.to(x.dtype), x)
     if all(isinstance(deltas[n], FullDelta) for n in lay.projs):
         slots = x.shape[0] * (config.top_k + int(config.shared_expert))
         if slots > config.num_deltas or any(deltas[n].weight.dtype != x.dtype for n in lay.projs):
@@ -215,3 +225,53 @@ def _per_slot_experts(layer, adapter: str, experts, idx: torch.Tensor, w: torch.
             yt = out if yt is None else yt.add_(out)
         rows.append(yt)
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _positions(delta: SparseDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output rows and input columns ``(E, nnz)`` (int64) of the delta's fixed indices, cached until the index buffer
+    is replaced or modified."""
+    indices = delta._buffers["indices"]
+    entry = _SPARSE_POSITIONS.get(delta)
+    try:
+        version = indices._version
+    except RuntimeError:  # inference tensor: no version counter, do not cache
+        version = None
+    if entry is not None and version is not None and entry[0] is indices and entry[1] == version:
+        return entry[2], entry[3]
+    flat = indices.long()
+    rows, cols = flat // delta.in_features, flat % delta.in_features
+    if version is not None:
+        _SPARSE_POSITIONS[delta] = (indices, version, rows, cols)
+    return rows, cols
+
+
+def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    lay = layer.layout
+    T, S = idx.shape
+    flat_idx = idx.view(-1)
+    biases = _biases(layer, adapter)
+    xs = x.repeat_interleave(S, dim=0) if T > 1 else x.expand(S, -1)  # (T*S, hidden): each slot's input
+    pres = []
+    for name, weight in zip(lay.in_projs, weights[:-1], strict=True):
+        delta = deltas[name]
+        rows, cols = (t.index_select(0, flat_idx) for t in _positions(delta))  # (T*S, nnz)
+        values = delta.weight.index_select(0, flat_idx)
+        if delta.scale != 1.0:
+            values = values * delta.scale
+        base = x @ weight.t()
+        base = base.repeat_interleave(S, dim=0) if T > 1 else base.expand(S, -1)
+        pre = base.scatter_add(1, rows, xs.gather(1, cols) * values)  # (T*S, out)
+        if name in biases:
+            pre = pre + biases[name].index_select(0, flat_idx)
+        pres.append(pre)
+    h = _activate(pres, _plain(ffn.activation(layer.base_layer, lay)), lay.gated)  # (T*S, I)
+    delta = deltas[lay.out_proj]
+    rows, cols = (t.index_select(0, flat_idx) for t in _positions(delta))
+    values = delta.weight.index_select(0, flat_idx) * w.reshape(-1, 1)  # router weight folded into the values
+    if delta.scale != 1.0:
+        values = values * delta.scale
+    mixed = w @ h if T == 1 else torch.bmm(w.unsqueeze(1), h.view(T, S, -1)).squeeze(1)
+    y = (mixed @ weights[-1].t()).scatter_add(1, rows.view(T, -1), (h.gather(1, cols) * values).view(T, -1))
+    if lay.out_proj in biases:
+        y = y + (w.unsqueeze(-1) * biases[lay.out_proj][idx]).sum(dim=1)
+    return y

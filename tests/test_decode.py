@@ -21,6 +21,11 @@ CASES = [
     ("phi", {"delta_type": "full"}),
     ("phi3", {"delta_type": "lowrank"}),  # fused gate_up_proj
     ("gpt2", {"delta_type": "lowrank"}),  # Conv1D
+    ("llama", {"delta_type": "sparse", "sparse_rate": 0.5}),
+    ("llama", {"delta_type": "sparse", "sparse_rate": 0.99, "shared_expert": True, "delta_scale": 0.5}),
+    ("phi", {"delta_type": "sparse", "sparse_rate": 0.9}),
+    ("phi3", {"delta_type": "sparse", "sparse_rate": 0.9}),
+    ("gpt2", {"delta_type": "sparse", "sparse_rate": 0.9}),
 ]
 
 
@@ -55,8 +60,9 @@ def test_fast_path_matches_general_path(family, cfg_kw, tokens, merged, monkeypa
     x = torch.randn(1, tokens, 32)
     cfg = layer.ders_settings["default"]
     slots = tokens * (cfg.top_k + cfg.shared_expert)
-    # low-rank: always; whole expert weights (vanilla or merged): while there are at most as many slots as experts
-    expect_fast = (cfg.delta_type == "lowrank" and not merged) or slots <= cfg.num_deltas
+    # low-rank, sparse: always; whole expert weights (vanilla or merged): while there are at most as many slots as
+    # experts
+    expect_fast = (cfg.delta_type != "full" and not merged) or slots <= cfg.num_deltas
     taken = _spy(monkeypatch)
     with torch.no_grad():
         fast = layer(x)
@@ -68,13 +74,14 @@ def test_fast_path_matches_general_path(family, cfg_kw, tokens, merged, monkeypa
         torch.testing.assert_close(fast, reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
 
 
-def test_not_used_for_long_inputs_or_sparse_deltas(monkeypatch):
+def test_not_used_for_long_inputs_or_mixed_dtypes(monkeypatch):
     layer = ders_layers(_model("llama"))[0]
-    sparse = ders_layers(_model("llama", delta_type="sparse", sparse_rate=0.5))[0]
+    half = ders_layers(_model("llama", delta_type="sparse", sparse_rate=0.5))[0]
+    half.ders_router["default"].to(torch.float64)  # router in another dtype than the tokens
     taken = _spy(monkeypatch)
     with torch.no_grad():
         layer(torch.randn(1, decode.MAX_DECODE_TOKENS + 1, 32))
-        sparse(torch.randn(1, 1, 32))
+        half(torch.randn(1, 1, 32))
         layer(torch.randn(1, 1, 32))
     assert taken == [False, False, True]
 
@@ -134,3 +141,17 @@ def test_generation_benchmark_quick_mode(tmp_path):
     assert "| DeRS, factorised |" in report and "| DeRS, merge_adapter() |" in report
     rows = [line for line in report.splitlines() if line.startswith("| DeRS")]
     assert len(rows) == 2 and all(row.rstrip().endswith("| yes |") for row in rows)
+
+
+def test_sparse_positions_follow_index_changes():
+    """The cached row/column positions of sparse deltas are rebuilt when the index buffer changes (a checkpoint
+    loaded into the model copies new indices in place)."""
+    layer = ders_layers(_model("llama", delta_type="sparse", sparse_rate=0.9))[0]
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        before = layer(x)
+        for delta in layer.ders_delta["default"].values():
+            delta.indices.copy_(delta.indices.flip(0))  # every expert takes another expert's positions
+        after = layer(x)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, layer(x).detach(), atol=1e-5, rtol=1e-5)
