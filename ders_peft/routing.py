@@ -64,16 +64,6 @@ class RoutingPlan:
             self._cache[key] = torch.einsum("tse,ts->te", self.one_hot(dtype), self.weights.to(dtype))
         return self._cache[key]
 
-    def slot_rank_mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """Slot-major ``(S, T, E * rank)`` 0/1 mask keeping, per slot, the ``rank`` columns of its expert in a
-        stacked low-rank factor (expert-major blocks)."""
-        key = ("slot_rank_mask", rank, dtype)
-        if key not in self._cache:
-            S, T = self.expert_idx.shape[1], self.expert_idx.shape[0]
-            hot = F.one_hot(self.expert_idx.t(), self.num_experts).to(dtype)  # (S, T, E)
-            self._cache[key] = hot.unsqueeze(-1).expand(S, T, self.num_experts, rank).reshape(S, T, -1)
-        return self._cache[key]
-
     def sorted_slots(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Permutation of the flattened slots grouping them by expert: ``(order, inverse, counts)``.
 
