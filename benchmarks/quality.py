@@ -12,9 +12,9 @@ to its trainable parameters), vanilla upcycling, DeRS-LM r=1 / r=4, DeRS-SM 0.99
 extended DeRS (universal FFN). Hyper-parameters are chosen on the validation split only, in three stages:
 
 1. the base learning rate, on dense fine-tuning;
-2. the multiplier of the new parameters: ``delta_scale`` for DeRS-LM (on r=4) and DeRS-SM (on 0.9), LoRA's
-   ``alpha / r`` (on the added-matched LoRA); under Adam each acts as a learning-rate multiplier of those tensors;
-   the sibling arms of a family (LM r=1, frozen-base LM, extended LM; SM 0.999; trainable-matched LoRA) reuse it;
+2. the multiplier of the new parameters: ``delta_scale`` for DeRS (LM r=1, LM r=4, frozen-base LM r=4, SM 0.9 each
+   swept on its own), LoRA's ``alpha / r`` (each LoRA rank on its own); under Adam each acts as a learning-rate
+   multiplier of those tensors; extended LM, whole-model LM and SM 0.999 reuse the value of LM r=4 / SM 0.9;
 3. every arm with every seed at the chosen settings (the seed-0 runs of stages 1-2 are reused, not rerun).
 
 Each run executes in its own subprocess (``--jobs`` at a time, each with ``--threads`` torch threads), so the peak
@@ -132,9 +132,9 @@ ARMS: tuple[Arm, ...] = (
     Arm("dense", "Dense full fine-tuning", "dense"),
     Arm("dense_mlp", "Dense fine-tuning of the MLPs only", "dense_mlp"),
     Arm("lora_added", "LoRA (MLP), added-matched", "lora", "lora", lora_match="added"),
-    Arm("lora_trainable", "LoRA (MLP), trainable-matched", "lora", "lora", lora_match="trainable"),
+    Arm("lora_trainable", "LoRA (MLP), trainable-matched", "lora", "lora_t", lora_match="trainable"),
     Arm("vanilla", "Vanilla upcycling", "ders", "", (("delta_type", "full"),)),
-    Arm("lm_r1", "DeRS-LM r=1", "ders", "lm", (("delta_type", "lowrank"), ("rank", 1))),
+    Arm("lm_r1", "DeRS-LM r=1", "ders", "lm1", (("delta_type", "lowrank"), ("rank", 1))),
     Arm("lm_r4", "DeRS-LM r=4", "ders", "lm", (("delta_type", "lowrank"), ("rank", 4))),
     Arm("sm_0.999", "DeRS-SM 0.999", "ders", "sm", (("delta_type", "sparse"), ("sparse_rate", 0.999))),
     Arm("sm_0.9", "DeRS-SM 0.9", "ders", "sm", (("delta_type", "sparse"), ("sparse_rate", 0.9))),
@@ -142,7 +142,7 @@ ARMS: tuple[Arm, ...] = (
         "lm_r4_frozen",
         "DeRS-LM r=4, frozen base",
         "ders",
-        "lm",
+        "lmf",
         (("delta_type", "lowrank"), ("rank", 4), ("train_base", False)),
     ),
     Arm(
@@ -166,7 +166,14 @@ ARMS: tuple[Arm, ...] = (
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 #: The arm each multiplier sweep is run on; the rest of the family reuses the choice.
-SWEEP_ARM = {"lm": "lm_r4", "sm": "sm_0.9", "lora": "lora_added"}
+SWEEP_ARM = {
+    "lm": "lm_r4",
+    "lm1": "lm_r1",
+    "lmf": "lm_r4_frozen",
+    "sm": "sm_0.9",
+    "lora": "lora_added",
+    "lora_t": "lora_trainable",
+}
 LR_SWEEP_ARM = "dense"
 REFERENCE_LM = "lm_r4"  # LoRA ranks are matched to this arm's counts
 MAX_EXTENSIONS = 2  # a sweep grid is extended at most this many times past a winning edge
@@ -672,41 +679,50 @@ def tables(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Held-out loss vs added parameters: one panel for the arms that train only the MLP side (peft's default: the
+    adapter alone trains), one for whole-model training. Markers are means over seeds, bars the min..max range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.2))
-    colors = {"lora": "tab:orange", "ders": "tab:blue", "dense": "tab:gray"}
-    for a in result["arms"].values():
-        arm = ARM_BY_NAME[a["arm"]]
-        t = a["test_loss"]
-        if arm.kind in ("dense", "dense_mlp"):
-            ls = "--" if arm.kind == "dense" else "-."
-            ax.axhline(t["mean"], color="tab:gray", ls=ls, lw=1, label=f"{a['label']} (adds 0)")
-            continue
-        color = "tab:red" if arm.name == "vanilla" else colors[arm.kind]
-        err = [[t["mean"] - t["min"]], [t["max"] - t["mean"]]]
-        ax.errorbar(a["params"]["added"], t["mean"], yerr=err, fmt="o", color=color, capsize=3)
-        ax.annotate(
-            a["label"], (a["params"]["added"], t["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7
-        )
-    ax.axhline(result["base_model"]["test_loss"], color="black", ls=":", lw=1, label="base, no continued training")
-    ax.set_xscale("log")
-    ax.set_xlabel("added parameters (log scale)")
-    ax.set_ylabel("held-out test loss (nats/token)")
+    arms = result["arms"]
+    whole = [n for n in arms if ARM_BY_NAME[n].train_rest or ARM_BY_NAME[n].kind == "dense"]
+    panels = {
+        "only the MLP side trains (adapter / MLP weights)": [n for n in arms if n not in whole],
+        "whole model trains": whole,
+    }
+    markers = "osD^v<>phX*P"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    for ax, (title, names) in zip(axes, panels.items()):
+        means = []
+        for i, name in enumerate(names):
+            a, arm = arms[name], ARM_BY_NAME[name]
+            t = a["test_loss"]
+            means.append(t["mean"])
+            if arm.kind in ("dense", "dense_mlp"):  # adds nothing: a horizontal reference line
+                ls = "--" if arm.kind == "dense" else "-."
+                ax.axhline(t["mean"], color="tab:gray", ls=ls, lw=1.2, label=f"{a['label']} (adds 0)")
+                continue
+            err = [[t["mean"] - t["min"]], [t["max"] - t["mean"]]]
+            marker = markers[i % len(markers)]
+            ax.errorbar(a["params"]["added"], t["mean"], yerr=err, fmt=marker, ms=7, capsize=3, label=a["label"])
+        lo, hi = min(means), max(means)
+        pad = max(0.005, 0.15 * (hi - lo))
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xscale("log")
+        ax.set_xlabel("added parameters (log scale)")
+        ax.set_ylabel("held-out test loss (nats/token)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     s = result["settings"]
-    ax.set_title(
-        f"Continued training on held-apart stdlib code: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} "
-        f"tokens,\nN={s['num_experts']} top-{s['top_k']}; mean over seeds, bars = min..max",
+    fig.suptitle(
+        f"Continued training on held-apart stdlib code ({s['steps']} steps x {s['batch_size']} x {s['seq_len']} "
+        f"tokens, N={s['num_experts']} top-{s['top_k']}); "
+        f"base before training: {result['base_model']['test_loss']:.3f}; mean over seeds, bars = min..max",
         fontsize=9,
     )
-    ax.legend(fontsize=7, loc="upper right")
-    losses = [a["test_loss"]["mean"] for a in result["arms"].values()]
-    lo, hi = min(losses), max(losses)
-    pad = max(0.02, 0.15 * (hi - lo))
-    ax.set_ylim(lo - pad, hi + 3 * pad)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -813,7 +829,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     log(f"stage 2: multipliers at lr {lr:g}, grid {settings.scale_grid}")
     knobs = {
-        ("LoRA alpha / r" if family == "lora" else f"delta_scale (DeRS-{family.upper()})"): (family, arm_name)
+        f"{'LoRA alpha / r' if family.startswith('lora') else 'delta_scale'}, {ARM_BY_NAME[arm_name].label}": (
+            family,
+            arm_name,
+        )
         for family, arm_name in SWEEP_ARM.items()
     }
     chosen = sweep(
