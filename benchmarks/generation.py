@@ -289,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--delta-type", default="lowrank", choices=("lowrank", "sparse", "full"))
+    parser.add_argument(
+        "--delta-types",
+        default="lowrank,sparse",
+        help="comma-separated delta types (lowrank, sparse, full; default lowrank,sparse; --quick: lowrank)",
+    )
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--sizes", default=None, help="comma-separated hidden sizes of FULL to run (default: all)")
     parser.add_argument(
@@ -312,20 +316,29 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [size for size in FULL if size["hidden"] in wanted]
         if not sizes:
             parser.error(f"--sizes={args.sizes!r}: allowed hidden sizes are {[size['hidden'] for size in FULL]}")
-    ders = {"num_experts": args.num_experts, "top_k": args.top_k, "delta_type": args.delta_type, "rank": args.rank}
-    if args.delta_type == "sparse":
-        ders["sparse_rate"] = 0.999
+    delta_types = ["lowrank"] if args.quick else args.delta_types.split(",")
+    bad = [d for d in delta_types if d not in ("lowrank", "sparse", "full")]
+    if bad:
+        parser.error(f"--delta-types={args.delta_types!r}: allowed values are lowrank, sparse, full")
     sections, failed = [], []
-    for size in sizes:
-        results, table = bench_one(dict(size), ders, args.threads, args.quick)
-        ratio = results["ders"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
-        print(table)
-        print(f"factorised DeRS / dense tokens/s: {ratio:.2f} (goal >= 0.85)")
-        sections.append((size, table, ratio, results))
-        failed += [a for a in ("ders", "ders_merged") if results[a]["generated"] != results["exported"]["generated"]]
+    for delta_type in delta_types:
+        ders = {"num_experts": args.num_experts, "top_k": args.top_k, "delta_type": delta_type}
+        ders.update({"rank": args.rank} if delta_type == "lowrank" else {})
+        ders.update({"sparse_rate": 0.999} if delta_type == "sparse" else {})
+        for size in sizes:
+            results, table = bench_one(dict(size), ders, args.threads, args.quick)
+            ratio = results["ders"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
+            print(table)
+            print(f"factorised DeRS / dense tokens/s: {ratio:.2f} (goal >= 0.85)")
+            sections.append((size, ders, table, ratio))
+            failed += [
+                f"{a} ({delta_type}, hidden {size['hidden']})"
+                for a in ("ders", "ders_merged")
+                if results[a]["generated"] != results["exported"]["generated"]
+            ]
     out = args.out or (None if args.quick else str(REPO / "docs" / "benchmarks_generation.md"))
     if out:
-        Path(out).write_text(_report(sections, ders, args.threads), encoding="utf-8")
+        Path(out).write_text(_report(sections, args.threads), encoding="utf-8")
         print(f"wrote {out}")
     if failed:
         print(f"ERROR: {failed} generated different tokens than the exported model", file=sys.stderr)
@@ -333,11 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report(sections: list, ders: dict, threads: int) -> str:
+def _report(sections: list, threads: int) -> str:
     import torch
     import transformers
 
-    settings = ", ".join(f"{k}={v}" for k, v in ders.items())
     first = sections[0][0]
     lines = [
         "# Generation benchmark: dense vs DeRS vs merged vs exported MoE",
@@ -351,15 +363,18 @@ def _report(sections: list, ders: dict, threads: int) -> str:
         "imports (what loading the model and generating added). The last column checks that the DeRS arms generate "
         "exactly the tokens of the exported checkpoint.",
         "",
-        f"- DeRS: {settings}, every block upcycled, random non-zero deltas and router; export target Mixtral "
-        "(loaded with transformers' default experts implementation)",
+        "- DeRS: every block upcycled, random non-zero deltas and router (settings per section); export target "
+        "Mixtral (loaded with transformers' default experts implementation)",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch "
         f"{torch.__version__} ({threads} thread per arm), transformers {transformers.__version__}",
         "",
     ]
-    for size, table, ratio, _results in sections:
+    for size, ders, table, ratio in sections:
+        settings = ", ".join(f"{k}={v}" for k, v in ders.items())
         lines += [
-            f"## {_model_line(size)}",
+            f"## {ders['delta_type']} deltas; {_model_line(size)}",
+            "",
+            f"DeRS settings: {settings}.",
             "",
             table,
             "",
@@ -369,13 +384,13 @@ def _report(sections: list, ders: dict, threads: int) -> str:
     lines += [
         "## How to read it",
         "",
-        "- Factorised DeRS reads the shared base weights once per token plus small per-expert factors, so at batch 1 "
+        "- Factorised DeRS reads the shared base weights once per token plus small per-expert deltas, so at batch 1 "
         "its memory traffic is about the dense model's; the gap is the routed layer's extra small operations (router, "
-        "block-masked low-rank products: `ders_peft/decode.py`), a fixed cost per layer that weighs less as the model "
-        "grows (compare the two sizes).",
-        "- `merge_adapter()` and the exported MoE run top_k whole experts per token, i.e. top_k times the FFN weight "
-        "bytes, which at batch 1 on a CPU is slower than the factorised form of low-rank deltas. The export exists "
-        "for serving engines that only know standard architectures, not to be faster in transformers.",
+        "block-masked low-rank products or sparse gather/scatter: `ders_peft/decode.py`), a fixed cost per layer that "
+        "weighs less as the model grows (compare the two sizes).",
+        "- `merge_adapter()` and the exported MoE run top_k whole experts per token, i.e. top_k times the FFN "
+        "weight bytes, which at batch 1 on a CPU is slower than the factorised form of low-rank or sparse deltas. The "
+        "export exists for serving engines that only know standard architectures, not to be faster in transformers.",
         "- Memory: the factorised model keeps the trainable base copy next to the frozen dense FFN (kept so that "
         "`disable_adapter()` gives the dense model exactly); merging adds every expert's full weights; the export "
         "holds N full experts per block.",
