@@ -65,9 +65,10 @@ def route_small(logits: torch.Tensor, top_k: int, normalize: bool, shared: bool)
 
 def layer_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
     """The output of DeRS ``layer`` for ``x`` ``(T, hidden)``, or ``None`` when the fast path does not apply
-    (gradient enabled, more than ``MAX_DECODE_TOKENS`` tokens, mixed dtypes, many slots for whole experts)."""
-    if torch.is_grad_enabled() or x.shape[0] > MAX_DECODE_TOKENS:
-        return None
+    (gradient enabled, autocast, more than ``MAX_DECODE_TOKENS`` tokens, mixed dtypes, many slots for whole
+    experts)."""
+    if torch.is_grad_enabled() or x.shape[0] > MAX_DECODE_TOKENS or torch.is_autocast_enabled(x.device.type):
+        return None  # autocast would change the dtypes of single operations: leave it to the general path
     config = layer.ders_settings[adapter]
     merged = layer._merged_experts.get(adapter)
     deltas = merged if merged is not None else layer.ders_delta[adapter]

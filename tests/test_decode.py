@@ -74,7 +74,7 @@ def test_fast_path_matches_general_path(family, cfg_kw, tokens, merged, monkeypa
         torch.testing.assert_close(fast, reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
 
 
-def test_not_used_for_long_inputs_or_mixed_dtypes(monkeypatch):
+def test_not_used_for_long_inputs_mixed_dtypes_or_autocast(monkeypatch):
     layer = ders_layers(_model("llama"))[0]
     half = ders_layers(_model("llama", delta_type="sparse", sparse_rate=0.5))[0]
     half.ders_router["default"].to(torch.float64)  # router in another dtype than the tokens
@@ -82,8 +82,10 @@ def test_not_used_for_long_inputs_or_mixed_dtypes(monkeypatch):
     with torch.no_grad():
         layer(torch.randn(1, decode.MAX_DECODE_TOKENS + 1, 32))
         half(torch.randn(1, 1, 32))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(torch.randn(1, 1, 32)).dtype == torch.bfloat16
         layer(torch.randn(1, 1, 32))
-    assert taken == [False, False, True]
+    assert taken == [False, False, False, True]
 
 
 def test_cached_stacks_follow_parameter_updates():
