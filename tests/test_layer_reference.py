@@ -86,7 +86,9 @@ def test_layer_reference_other_layouts(family, delta_type):
 def test_sparse_gather_and_dense_paths_agree(monkeypatch):
     """Both SparseDelta forward paths (gather for very sparse, dense scatter for denser) give the same numbers."""
     model = tiny_model("llama")
-    peft_model = get_peft_model(model, ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9))
+    peft_model = get_peft_model(
+        model, ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9)
+    )
     randomize_adapter(peft_model, std=0.1)
     layer = ders_layers(peft_model)[0]
     x = torch.randn(4, 8, 32, requires_grad=True)
