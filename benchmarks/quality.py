@@ -15,6 +15,8 @@ extended DeRS (universal FFN). Hyper-parameters are chosen on the validation spl
 2. the multiplier of the new parameters: ``delta_scale`` for DeRS (LM r=1, LM r=4, frozen-base LM r=4, SM 0.9 each
    swept on its own), LoRA's ``alpha / r`` (each LoRA rank on its own); under Adam each acts as a learning-rate
    multiplier of those tensors; extended LM, whole-model LM and SM 0.999 reuse the value of LM r=4 / SM 0.9;
+   the two MLP-side arms without such a knob (MLP-only dense fine-tuning, vanilla upcycling) get a learning-rate
+   multiplier swept instead, so that no arm wins merely by a larger effective step on the MLP;
 3. every arm with every seed at the chosen settings (the seed-0 runs of stages 1-2 are reused, not rerun).
 
 Each run executes in its own subprocess (``--jobs`` at a time, each with ``--threads`` torch threads), so the peak
@@ -126,14 +128,15 @@ class Arm:
     ders: tuple[tuple[str, object], ...] = ()  # DeRSConfig keyword arguments (besides N, top-k, seed, delta_scale)
     lora_match: str = ""  # "added" | "trainable": match DeRS-LM r=4's count of that kind
     train_rest: bool = False  # also train every non-MLP parameter of the dense model in place (whole-model training)
+    scale_is_lr: bool = False  # the swept multiplier scales the learning rate (arms without a scale knob of their own)
 
 
 ARMS: tuple[Arm, ...] = (
     Arm("dense", "Dense full fine-tuning", "dense"),
-    Arm("dense_mlp", "Dense fine-tuning of the MLPs only", "dense_mlp"),
+    Arm("dense_mlp", "Dense fine-tuning of the MLPs only", "dense_mlp", "mlp_lr", scale_is_lr=True),
     Arm("lora_added", "LoRA (MLP), added-matched", "lora", "lora", lora_match="added"),
     Arm("lora_trainable", "LoRA (MLP), trainable-matched", "lora", "lora_t", lora_match="trainable"),
-    Arm("vanilla", "Vanilla upcycling", "ders", "", (("delta_type", "full"),)),
+    Arm("vanilla", "Vanilla upcycling", "ders", "van_lr", (("delta_type", "full"),), scale_is_lr=True),
     Arm("lm_r1", "DeRS-LM r=1", "ders", "lm1", (("delta_type", "lowrank"), ("rank", 1))),
     Arm("lm_r4", "DeRS-LM r=4", "ders", "lm", (("delta_type", "lowrank"), ("rank", 4))),
     Arm("sm_0.999", "DeRS-SM 0.999", "ders", "sm", (("delta_type", "sparse"), ("sparse_rate", 0.999))),
@@ -173,7 +176,11 @@ SWEEP_ARM = {
     "sm": "sm_0.9",
     "lora": "lora_added",
     "lora_t": "lora_trainable",
+    "mlp_lr": "dense_mlp",
+    "van_lr": "vanilla",
 }
+#: Grid (and extension factor) of the learning-rate multipliers of ``scale_is_lr`` arms; others use ``scale_grid``.
+LR_SCALE_GRID, LR_SCALE_FACTOR = (1.0, 2.0, 4.0), 2.0
 LR_SWEEP_ARM = "dense"
 REFERENCE_LM = "lm_r4"  # LoRA ranks are matched to this arm's counts
 MAX_EXTENSIONS = 2  # a sweep grid is extended at most this many times past a winning edge
@@ -326,7 +333,7 @@ def run_one(spec: RunSpec, settings: Settings, base_dir: str, data_path: str, th
         data["train"],
         steps=settings.steps,
         batch_size=settings.batch_size,
-        lr=spec.lr,
+        lr=spec.lr * spec.scale if arm.scale_is_lr else spec.lr,
         seed=spec.seed,
         weight_decay=settings.weight_decay,
     )
@@ -828,17 +835,18 @@ def main(argv: list[str] | None = None) -> dict:
     selection[knob] = {"arm": LR_SWEEP_ARM, "val_loss": vals, "chosen": lr}
 
     log(f"stage 2: multipliers at lr {lr:g}, grid {settings.scale_grid}")
-    knobs = {
-        f"{'LoRA alpha / r' if family.startswith('lora') else 'delta_scale'}, {ARM_BY_NAME[arm_name].label}": (
-            family,
-            arm_name,
-        )
-        for family, arm_name in SWEEP_ARM.items()
+    knobs = {}
+    for family, arm_name in SWEEP_ARM.items():
+        arm = ARM_BY_NAME[arm_name]
+        what = "lr multiplier" if arm.scale_is_lr else "LoRA alpha / r" if arm.kind == "lora" else "delta_scale"
+        knobs[f"{what}, {arm.label}"] = (family, arm_name)
+    grids = {
+        knob: (name, list(LR_SCALE_GRID), LR_SCALE_FACTOR)
+        if ARM_BY_NAME[name].scale_is_lr
+        else (name, list(settings.scale_grid), 4.0)
+        for knob, (_, name) in knobs.items()
     }
-    chosen = sweep(
-        {knob: (arm_name, list(settings.scale_grid), 4.0) for knob, (_, arm_name) in knobs.items()},
-        lambda arm, x: spec(arm, seed0, lr, x),
-    )
+    chosen = sweep(grids, lambda arm, x: spec(arm, seed0, lr, x))
     scale: dict[str, float] = {"": 1.0}
     for knob, (family, arm_name) in knobs.items():
         scale[family], vals = chosen[knob]
@@ -865,6 +873,8 @@ def main(argv: list[str] | None = None) -> dict:
         "lora_ranks": lora_rank,
         "selection": selection,
         "chosen": {"lr": lr, "multipliers": scale},
+        "sweep_arms": SWEEP_ARM,
+        "lr_scale_grid": LR_SCALE_GRID,
         "arms": arms,
         "real_size_ratios": ratios,
         "runs": runner.results,
