@@ -540,10 +540,24 @@ def real_size_ratios(settings: Settings, base_config: transformers.LlamaConfig) 
     return rows
 
 
+def gain_fraction(reference: float, best: float, candidate: float) -> float:
+    """Share of the loss reduction ``reference - best`` that ``candidate`` achieves (1 = as good as ``best``)."""
+    return (reference - candidate) / (reference - best)
+
+
 def goals(arms: dict[str, dict], ratios: list[dict]) -> list[dict]:
-    """The issue's goals, evaluated from the measured numbers."""
+    """The issue's goals, evaluated from the measured numbers, plus the context needed to read them."""
     out = []
     van = arms["vanilla"]
+    mlp = arms["dense_mlp"]["test_loss"]["mean"]
+    gap_mlp = (mlp - van["test_loss"]["mean"]) / van["test_loss"]["mean"]
+    out.append(
+        {
+            "goal": "(context) MLP-only dense fine-tuning, no experts at all, within 1% of vanilla's test loss",
+            "value": f"{100 * gap_mlp:+.2f}%",
+            "met": None,
+        }
+    )
     for lm in ("lm_r1", "lm_r4"):
         gap = (arms[lm]["test_loss"]["mean"] - van["test_loss"]["mean"]) / van["test_loss"]["mean"]
         ratio = van["params"]["added"] / arms[lm]["params"]["added"]
@@ -552,6 +566,14 @@ def goals(arms: dict[str, dict], ratios: list[dict]) -> list[dict]:
                 "goal": f"{ARM_BY_NAME[lm].label} within 1% of vanilla's test loss",
                 "value": f"{100 * gap:+.2f}%",
                 "met": gap <= 0.01,
+            }
+        )
+        frac = gain_fraction(mlp, van["test_loss"]["mean"], arms[lm]["test_loss"]["mean"])
+        out.append(
+            {
+                "goal": f"(context) {ARM_BY_NAME[lm].label}: share of vanilla's gain over MLP-only dense fine-tuning",
+                "value": f"{100 * frac:.0f}%",
+                "met": None,
             }
         )
         out.append(
@@ -569,6 +591,16 @@ def goals(arms: dict[str, dict], ratios: list[dict]) -> list[dict]:
                 "met": row["ratio_r1"] >= 500,
             }
         )
+    whole = {name: arms[name]["test_loss"] for name in ("vanilla_all", "lm_r4_all")}
+    out.append(
+        {
+            "goal": "(context) whole model trained: DeRS-LM r=4 minus vanilla, test loss (seed ranges)",
+            "value": f"{whole['lm_r4_all']['mean'] - whole['vanilla_all']['mean']:+.4f} nats (ranges "
+            f"{whole['lm_r4_all']['max'] - whole['lm_r4_all']['min']:.4f} / "
+            f"{whole['vanilla_all']['max'] - whole['vanilla_all']['min']:.4f})",
+            "met": None,
+        }
+    )
     for lora in ("lora_trainable", "lora_added"):
         diff = arms[REFERENCE_LM]["test_loss"]["mean"] - arms[lora]["test_loss"]["mean"]
         out.append(
@@ -588,6 +620,7 @@ def tables(result: dict) -> str:
     header = [
         "arm",
         "test loss (mean ± sd)",
+        "vs MLP-only dense",
         "test ppl",
         "val loss",
         "added params",
@@ -600,6 +633,7 @@ def tables(result: dict) -> str:
         [
             "Base, no continued training",
             f"{base['test_loss']:.4f}",
+            f"{base['test_loss'] - arms['dense_mlp']['test_loss']['mean']:+.4f}",
             f"{math.exp(base['test_loss']):.2f}",
             f"{base['val_loss']:.4f}",
             "0",
@@ -615,6 +649,7 @@ def tables(result: dict) -> str:
             [
                 a["label"],
                 f"{t['mean']:.4f} ± {t['std']:.4f} (n={t['n']})",
+                f"{t['mean'] - arms['dense_mlp']['test_loss']['mean']:+.4f}",
                 f"{a['test_ppl']['mean']:.2f}",
                 f"{a['val_loss']['mean']:.4f}",
                 f"{p['added']:,}",
@@ -680,7 +715,7 @@ def tables(result: dict) -> str:
             ratio_rows,
         ),
     ]
-    goal_rows = [[g["goal"], g["value"], "yes" if g["met"] else "no"] for g in result["goals"]]
+    goal_rows = [[g["goal"], g["value"], {None: "-", True: "yes", False: "no"}[g["met"]]] for g in result["goals"]]
     parts += ["### Goals", _common.markdown_table(["goal", "measured", "met"], goal_rows)]
     return "\n\n".join(parts) + "\n"
 
