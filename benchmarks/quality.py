@@ -285,14 +285,23 @@ def meta_counts(config: transformers.LlamaConfig, arm: Arm, settings: Settings) 
     return count_params(model, arm)
 
 
+def top_energy_fraction(matrix: torch.Tensor, k: int) -> float:
+    """Share of ``||matrix||_F^2`` in its ``k`` largest singular directions (1.0 for a matrix of rank <= k)."""
+    s2 = torch.linalg.svdvals(matrix.double()) ** 2
+    return float(s2[:k].sum() / s2.sum())
+
+
 def delta_usage(model: torch.nn.Module, dense_state: dict[str, torch.Tensor]) -> dict:
     """How far training moved the experts, relative to the dense FFN weights (averaged over layers and matrices).
 
     ``base_drift``: ||W_base - W_dense|| / ||W_dense|| (the shared base copy; for vanilla the expert mean);
     ``delta_norm``: mean over experts of ||Delta_e|| / ||W_dense|| (vanilla: ||W_e - mean_e W_e||), i.e. how much the
-    experts differ from what they share.
+    experts differ from what they share. For vanilla experts also ``top1_energy`` / ``top4_energy``: the share of each
+    expert's deviation from the expert mean that lies in its top 1 / 4 singular directions (what a rank-1 / rank-4
+    delta could express), and ``random_top4_energy``, the same share for a Gaussian matrix of the same shape.
     """
-    drift, delta = [], []
+    drift, delta, top1, top4, rand4 = [], [], [], [], []
+    generator = torch.Generator().manual_seed(0)
     for name, layer in model.base_model.ders_layers().items():
         adapter = layer.active_adapters[0]
         experts = layer.expert_weights(adapter)
@@ -300,13 +309,22 @@ def delta_usage(model: torch.nn.Module, dense_state: dict[str, torch.Tensor]) ->
             key = name.removeprefix("base_model.model.") + f".{proj}.weight"
             w0 = dense_state[key].float()
             norm0 = w0.norm().item()
-            if layer.ders_delta[adapter][proj].replaces_base:
-                base = weights.mean(0)
-            else:
-                base = layer.base_weight(adapter, proj).detach().float()
+            full = layer.ders_delta[adapter][proj].replaces_base
+            base = weights.mean(0) if full else layer.base_weight(adapter, proj).detach().float()
             drift.append((base - w0).norm().item() / norm0)
             delta.append(sum((w - base).norm().item() for w in weights) / len(weights) / norm0)
-    return {"base_drift": statistics.fmean(drift), "delta_norm": statistics.fmean(delta)}
+            if full:
+                top1 += [top_energy_fraction(w - base, 1) for w in weights]
+                top4 += [top_energy_fraction(w - base, 4) for w in weights]
+                rand4.append(top_energy_fraction(torch.randn(w0.shape, generator=generator), 4))
+    usage = {"base_drift": statistics.fmean(drift), "delta_norm": statistics.fmean(delta)}
+    if top1:
+        usage |= {
+            "top1_energy": statistics.fmean(top1),
+            "top4_energy": statistics.fmean(top4),
+            "random_top4_energy": statistics.fmean(rand4),
+        }
+    return usage
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -684,6 +702,20 @@ def tables(result: dict) -> str:
     parts += [
         "### How far training moved the experts (relative Frobenius norms, mean over layers and matrices)",
         _common.markdown_table(["arm", "shared base drift", "expert delta norm"], usage_rows),
+    ]
+    spectrum_rows = [
+        [
+            a["label"],
+            f"{a['usage']['top1_energy']:.3f}",
+            f"{a['usage']['top4_energy']:.3f}",
+            f"{a['usage']['random_top4_energy']:.3f}",
+        ]
+        for a in arms.values()
+        if a["usage"] and "top1_energy" in a["usage"]
+    ]
+    parts += [
+        "### Vanilla experts: share of each expert's deviation from the expert mean in its top singular directions",
+        _common.markdown_table(["arm", "top 1", "top 4", "top 4 of a random matrix"], spectrum_rows),
     ]
 
     ratio_rows = [
