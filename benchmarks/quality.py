@@ -759,6 +759,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     arms = result["arms"]
     whole = [n for n in arms if ARM_BY_NAME[n].train_rest or ARM_BY_NAME[n].kind == "dense"]
@@ -769,22 +770,24 @@ def plot(result: dict, path: Path) -> None:
     markers = "osD^v<>phX*P"
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     for ax, (title, names) in zip(axes, panels.items()):
-        means = []
+        spans = []
         for i, name in enumerate(names):
             a, arm = arms[name], ARM_BY_NAME[name]
             t = a["test_loss"]
-            means.append(t["mean"])
+            spans += [t["min"], t["max"]]
             if arm.kind in ("dense", "dense_mlp"):  # adds nothing: a horizontal reference line
                 ls = "--" if arm.kind == "dense" else "-."
-                ax.axhline(t["mean"], color="tab:gray", ls=ls, lw=1.2, label=f"{a['label']} (adds 0)")
+                ax.axhline(t["mean"], color="tab:gray", ls=ls, lw=1.2, label=f"{a['label']} (adds 0; band = range)")
+                ax.axhspan(t["min"], t["max"], color="tab:gray", alpha=0.12)
                 continue
             err = [[t["mean"] - t["min"]], [t["max"] - t["mean"]]]
             marker = markers[i % len(markers)]
             ax.errorbar(a["params"]["added"], t["mean"], yerr=err, fmt=marker, ms=7, capsize=3, label=a["label"])
-        lo, hi = min(means), max(means)
-        pad = max(0.005, 0.15 * (hi - lo))
+        lo, hi = min(spans), max(spans)
+        pad = max(0.002, 0.08 * (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("added parameters (log scale)")
         ax.set_ylabel("held-out test loss (nats/token)")
         ax.set_title(title, fontsize=10)
@@ -828,11 +831,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=2, help="runs executed at once (one subprocess each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--fresh", action="store_true", help="ignore stored runs and rerun everything")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the existing --out JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.worker)
         return {}
+    if args.replot:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        plot(result, out.with_suffix(".png"))
+        return result
 
     settings = QUICK if args.quick else Settings()
     t_start = time.perf_counter()
