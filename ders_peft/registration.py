@@ -95,8 +95,9 @@ def add_loading_note(readme_path: str, base_model: str | None) -> None:
 
 
 def _install_model_card_hook() -> None:
-    """Wrap ``PeftModel.create_or_update_model_card`` (called by ``save_pretrained`` and ``push_to_hub``) so that the
-    README of a model holding a DeRS adapter says how to load it. Idempotent; other PEFT methods are untouched."""
+    """Wrap ``PeftModel.create_or_update_model_card`` (called by ``save_pretrained``) and the upload step of
+    ``push_to_hub`` so that the README of a model holding a DeRS adapter says how to load it. Idempotent; other PEFT
+    methods are untouched."""
     from peft import PeftModel
 
     current = PeftModel.create_or_update_model_card
@@ -114,6 +115,18 @@ def _install_model_card_hook() -> None:
 
     create_or_update_model_card._ders_hook = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+    # ``push_to_hub`` saves into a temporary folder, then overwrites its README with the Hub's card (on a new repo,
+    # transformers' template: library_name transformers, no tags) before uploading: update that card again.
+    upload = PeftModel._upload_modified_files
+
+    @functools.wraps(upload)
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        if any(c.peft_type == PEFT_TYPE_DERS for c in self.peft_config.values()):
+            self.create_or_update_model_card(working_dir)
+        return upload(self, working_dir, *args, **kwargs)
+
+    PeftModel._upload_modified_files = _upload_modified_files
 
 
 # ---------------------------------------------------------------------------------------------------- loading check

@@ -116,6 +116,54 @@ def test_model_card_says_how_to_load(saved, tmp_path):
     assert "ders_peft" not in (tmp_path / "lora" / "README.md").read_text()
 
 
+class _FakeHub:
+    """Stands in for the Hub (offline): keeps the bytes of every file a commit uploads."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            with open(op.path_or_fileobj, "rb") as f:
+                self.files[op.path_in_repo] = f.read()
+
+
+def test_push_to_hub_uploads_the_adapter_and_the_loading_note(saved, tmp_path, monkeypatch):
+    """push_to_hub overwrites the saved README with the Hub's card (a new repo: transformers' template) just before
+    uploading; the uploaded card must still say how to load, and the uploaded files must reload exactly."""
+    import transformers.utils.hub as hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    root, want = saved
+    fake, real_load = _FakeHub(), hub.ModelCard.load
+
+    def card_load(repo_or_path, *args, **kwargs):
+        if (tmp_path / "remote" / "README.md").exists() and repo_or_path == "me/ders":
+            return real_load(tmp_path / "remote" / "README.md")
+        if not str(repo_or_path).startswith("me/"):
+            return real_load(repo_or_path, *args, **kwargs)
+        raise EntryNotFoundError("new repository: no card yet")
+
+    monkeypatch.setattr(hub, "hf_api", lambda: fake)
+    monkeypatch.setattr(hub.ModelCard, "load", card_load)
+    peft_model = PeftModel.from_pretrained(tiny_model("llama"), root / "adapter")
+    for _ in range(2):  # a new repository, then a second push onto the card the first one uploaded
+        peft_model.push_to_hub("me/ders")
+        assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(fake.files)
+        (tmp_path / "remote").mkdir(exist_ok=True)
+        for name, data in fake.files.items():
+            (tmp_path / "remote" / name).write_bytes(data)
+        readme = (tmp_path / "remote" / "README.md").read_text()
+        assert readme.count(CARD_HEADING) == 1 and "import ders_peft" in readme
+        header = readme.split("---")[1]
+        assert "library_name: peft" in header and "- ders" in header
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "remote")
+    assert (logits(reloaded) - want).abs().max().item() == 0.0
+
+
 def test_importing_twice_is_harmless(saved, tmp_path):
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from transformers.trainer import DEFAULT_CALLBACKS
