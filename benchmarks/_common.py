@@ -114,6 +114,21 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def output_dir(requested: Path | None, quick: bool) -> Path:
+    """Where results go: ``requested``, else ``docs/`` for a full run and a new temporary folder for ``--quick``
+    (a smoke run must never replace the committed full results)."""
+    if requested is not None:
+        return requested
+    if quick:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="ders_bench_quick_"))
+    return DOCS
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")

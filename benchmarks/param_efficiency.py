@@ -5,8 +5,8 @@ Every other block upcycled, N=4 experts (top-2; top-k does not change the counts
 count their values, the fixed int32 indices are reported as storage). Nothing is allocated: the models live on the
 meta device.
 
-Usage: ``python benchmarks/param_efficiency.py [--quick] [--out-dir docs]``; writes ``benchmarks_params.json`` and
-``benchmarks_params_tables.md``.
+Usage: ``python benchmarks/param_efficiency.py [--quick] [--out-dir DIR]``; writes ``benchmarks_params.json`` and
+``benchmarks_params_tables.md`` (default ``docs/``; ``--quick`` without ``--out-dir``: a new temporary folder).
 """
 
 from __future__ import annotations
@@ -144,9 +144,12 @@ def tables(results: dict, num_experts: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny configurations only (CI smoke run)")
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    ap.add_argument(
+        "--out-dir", type=Path, default=None, help="default: docs/ (full run), a new temporary folder (--quick)"
+    )
     ap.add_argument("--num-experts", type=int, default=4)
     args = ap.parse_args(argv)
+    args.out_dir = _common.output_dir(args.out_dir, args.quick)
     t0 = time.time()
 
     def log(msg: str) -> None:

@@ -826,7 +826,11 @@ def prepare_data(tokenizer, settings: Settings, path: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, one seed, runs in-process (smoke test)")
-    parser.add_argument("--out", default="docs/benchmarks_quality.json", help="raw-results JSON (PNG written beside)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="raw-results JSON, PNG beside it (default: docs/benchmarks_quality.json; --quick: a temporary folder)",
+    )
     parser.add_argument("--cache", default="~/.cache/ders_peft/base", help="cache of the base model and of runs")
     parser.add_argument("--jobs", type=int, default=2, help="runs executed at once (one subprocess each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -837,6 +841,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker_main(args.worker)
         return {}
+    if args.out is None:
+        args.out = str(_common.output_dir(None, args.quick and not args.replot) / "benchmarks_quality.json")
     if args.replot:
         out = Path(args.out)
         result = json.loads(out.read_text())

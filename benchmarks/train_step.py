@@ -10,9 +10,9 @@ shared machine hit all arms alike):
 3. ``memory``: each arm in its own subprocess; peak RSS growth (``ru_maxrss``) from before the model is built to
    after three training steps, and from the built model to after the steps.
 
-Usage: ``python benchmarks/train_step.py [--quick] [--out-dir docs] [--threads 1]``. Writes
+Usage: ``python benchmarks/train_step.py [--quick] [--out-dir DIR] [--threads 1]``. Writes
 ``benchmarks_train_step.json``, ``benchmarks_train_step_tables.md`` and ``benchmarks_train_step.png`` into the
-output directory.
+output directory (default ``docs/``; ``--quick`` without ``--out-dir``: a new temporary folder).
 """
 
 from __future__ import annotations
@@ -492,7 +492,9 @@ def parse_shape(text: str) -> Shape:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shape, few arms, two repetitions (CI smoke run)")
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    ap.add_argument(
+        "--out-dir", type=Path, default=None, help="default: docs/ (full run), a new temporary folder (--quick)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see docs)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per arm (default 5, quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed interleaved rounds (default 1)")
@@ -500,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.out_dir = _common.output_dir(args.out_dir, args.quick)
     torch.set_num_threads(args.threads)
     shape = parse_shape(args.shape) if args.shape else (QUICK_SHAPE if args.quick else Shape())
 

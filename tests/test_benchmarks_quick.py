@@ -27,3 +27,16 @@ def test_benchmark_quick_mode_writes_results(tmp_path, script, result):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / result).read_text())
     assert data["command"].startswith("python benchmarks/")
+
+
+def test_quick_runs_never_write_into_docs(monkeypatch):
+    """A bare ``--quick`` (no output option) writes into a new temporary folder, never over the committed results."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import _common
+
+    quick = _common.output_dir(None, quick=True)
+    assert quick.is_dir() and not any(quick.iterdir())
+    assert ROOT / "docs" not in (quick, *quick.parents)
+    assert _common.output_dir(None, quick=False) == ROOT / "docs"
+    assert _common.output_dir(Path("elsewhere"), quick=True) == Path("elsewhere")
+    quick.rmdir()
