@@ -28,7 +28,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--base", required=True, help="local directory of the dense base model")
     exp.add_argument("--adapter", required=True, help="local directory of the DeRS adapter (adapter_config.json)")
-    exp.add_argument("--out", required=True, help="output directory (replaced only when the export succeeds)")
+    exp.add_argument(
+        "--out", required=True, help="output directory: new, empty or a previous export (replaced only on success)"
+    )
     exp.add_argument(
         "--architecture",
         choices=ARCHITECTURES,

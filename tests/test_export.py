@@ -345,9 +345,29 @@ def test_failed_write_leaves_existing_checkpoint_unchanged(tmp_path, monkeypatch
 
 def test_out_dir_that_is_not_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="out_dir=.*is not an"):
+    with pytest.raises(ValueError, match="out_dir=.*is invalid: it is not empty"):
         export_moe(ders_model("llama"), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_only_a_previous_export_is_ever_replaced(tmp_path):
+    """Exporting into the dense base model's own folder, or over an export the user added files to, is refused
+    before anything is written; a plain previous export is replaced."""
+    dense = tiny_model("llama", layers=2)
+    dense.save_pretrained(tmp_path / "base")
+    base_before = _snapshot(tmp_path / "base")
+    model = get_peft_model(dense, ders_peft.DeRSConfig(num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match="no previous ders_peft export"):
+        export_moe(model, tmp_path / "base")
+    assert _snapshot(tmp_path / "base") == base_before
+
+    out = export_moe(model, tmp_path / "moe")
+    export_moe(model, out)  # a previous export is replaced
+    (out / "eval_results.txt").write_text("mine")
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"files an export does not write \(\['eval_results.txt'\]\)"):
+        export_moe(model, out)
+    assert _snapshot(out) == before
 
 
 def test_model_card(tmp_path):
