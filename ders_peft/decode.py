@@ -36,7 +36,6 @@ MAX_DECODE_TOKENS = 16
 _SILU_TYPES = (torch.nn.SiLU, SiLUActivation)
 _BLOCK_MASKS: dict[tuple, torch.Tensor] = {}
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SPARSE_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def block_mask(num_experts: int, rank: int, copies: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -228,24 +227,6 @@ def _per_slot_experts(layer, adapter: str, experts, idx: torch.Tensor, w: torch.
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
-def _positions(delta: SparseDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output rows and input columns ``(E, nnz)`` (int64) of the delta's fixed indices, cached until the index buffer
-    is replaced or modified."""
-    indices = delta._buffers["indices"]
-    entry = _SPARSE_POSITIONS.get(delta)
-    try:
-        version = indices._version
-    except RuntimeError:  # inference tensor: no version counter, do not cache
-        version = None
-    if entry is not None and version is not None and entry[0] is indices and entry[1] == version:
-        return entry[2], entry[3]
-    flat = indices.long()
-    rows, cols = flat // delta.in_features, flat % delta.in_features
-    if version is not None:
-        _SPARSE_POSITIONS[delta] = (indices, version, rows, cols)
-    return rows, cols
-
-
 def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     lay = layer.layout
     T, S = idx.shape
@@ -255,7 +236,7 @@ def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor,
     pres = []
     for name, weight in zip(lay.in_projs, weights[:-1], strict=True):
         delta = deltas[name]
-        rows, cols = (t.index_select(0, flat_idx) for t in _positions(delta))  # (T*S, nnz)
+        rows, cols = (t.index_select(0, flat_idx) for t in delta.positions()[:2])  # (T*S, nnz)
         values = delta.weight.index_select(0, flat_idx)
         if delta.scale != 1.0:
             values = values * delta.scale
@@ -267,7 +248,7 @@ def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor,
         pres.append(pre)
     h = _activate(pres, _plain(ffn.activation(layer.base_layer, lay)), lay.gated)  # (T*S, I)
     delta = deltas[lay.out_proj]
-    rows, cols = (t.index_select(0, flat_idx) for t in _positions(delta))
+    rows, cols = (t.index_select(0, flat_idx) for t in delta.positions()[:2])
     values = delta.weight.index_select(0, flat_idx) * w.reshape(-1, 1)  # router weight folded into the values
     if delta.scale != 1.0:
         values = values * delta.scale

@@ -136,12 +136,12 @@ class SparseDelta(Delta):
     """``Delta_e = scatter(I_e, V_e)`` (DeRS-SM): per expert, fixed unique random flat indices (int32 buffer, saved
     with the adapter) and trainable values (zero at creation).
 
-    Below ``gather_density`` the forward gathers the needed input columns and adds into the touched output rows;
-    denser deltas are scattered into a dense per-expert delta and applied with one matmul per expert (cheaper there).
+    ``forward`` (the interface, used by tests and as the generic reference) gathers the input columns each expert's
+    delta reads and adds into the rows it writes; the routed layer runs :mod:`ders_peft.sparse_path` instead (CSR
+    products for denser deltas, recomputation in backward). Neither builds a dense per-expert matrix.
     """
 
     kind = "sparse"
-    gather_density: ClassVar[float] = 0.02
 
     def __init__(
         self, num_experts, out_features, in_features, sparse_rate: float, scale: float = 1.0, generator=None, **fk
@@ -162,12 +162,32 @@ class SparseDelta(Delta):
     def density(self) -> float:
         return self.nnz / (self.out_features * self.in_features)
 
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output rows, input columns and flat positions ``(E, nnz)`` (int64) of the fixed indices (cached)."""
+
+        def build(flat):
+            return flat // self.in_features, flat % self.in_features, flat
+
+        return self._from_indices("positions", build)
+
+    def _from_indices(self, name: str, build):
+        """``build(indices as int64)``, cached until the index buffer is replaced or modified in place."""
+        indices = self._buffers["indices"]
+        try:
+            version = indices._version
+        except RuntimeError:  # inference tensor: no version counter, do not cache
+            version = None
+        cache = self.__dict__.setdefault("_index_cache", {})
+        cached = cache.get(name)
+        if cached is not None and version is not None and cached[0] is indices and cached[1] == version:
+            return cached[2]
+        found = build(indices.long())
+        if version is not None:
+            cache[name] = (indices, version, found)
+        return found
+
     def _apply_slots(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
-        if self.density > self.gather_density:
-            dense = self._dense()
-            out = grouped_apply(x, plan, lambda e, rows: rows @ dense[e].t(), self.out_features)
-        else:
-            out = grouped_apply(x, plan, self._gather_one, self.out_features)
+        out = grouped_apply(x, plan, self._gather_one, self.out_features)
         return _weighted_sum(out, plan) if weighted else out
 
     def _gather_one(self, e: int, rows: torch.Tensor) -> torch.Tensor:

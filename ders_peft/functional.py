@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .deltas import Delta, LowRankDelta
+from .deltas import Delta, LowRankDelta, SparseDelta
 from .routing import RoutingPlan
+from .sparse_path import sparse_routed_ffn
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,6 +42,8 @@ def routed_ffn(
     """
     if _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias):
         return lowrank_routed_ffn(x, plan, in_base, out_base, in_deltas, out_delta, out_bias, act, gated)
+    if all(type(d) is SparseDelta for d in (*in_deltas, out_delta)) and all(w is not None for w in in_base):
+        return sparse_routed_ffn(x, plan, in_base, out_base, in_deltas, out_delta, in_bias, out_bias, act, gated)
     pieces = []
     for weight, delta, bias in zip(in_base, in_deltas, in_bias, strict=True):
         piece = delta(x, plan)  # (T, S, out)

@@ -50,8 +50,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["decode", "train"])
 @pytest.mark.parametrize("delta_type,shared,top_k", CASES)
-def test_layer_matches_naive_reference(delta_type, shared, top_k):
+def test_layer_matches_naive_reference(delta_type, shared, top_k, path):
+    """decode: few tokens without autograd (``decode.layer_forward``); train: 39 tokens with gradients (the routed
+    training path), the input gradient compared too."""
     model = tiny_model("llama")
     cfg = ders_peft.DeRSConfig(
         num_experts=4, top_k=top_k, delta_type=delta_type, rank=3, sparse_rate=0.5, shared_expert=shared
@@ -59,13 +62,22 @@ def test_layer_matches_naive_reference(delta_type, shared, top_k):
     peft_model = get_peft_model(model, cfg)
     randomize_adapter(peft_model, std=0.1)
     layer = ders_layers(peft_model)[0]
-    x = torch.randn(3, 5, 32)
-    with torch.no_grad():
+    if path == "decode":
+        x = torch.randn(3, 5, 32)
+        with torch.no_grad():
+            got = layer(x)
+    else:
+        x = torch.randn(3, 13, 32, requires_grad=True)
         got = layer(x)
-        want = reference_layer_output(layer, x)
+    want = reference_layer_output(layer, x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - layer.base_layer(x)).abs().max() > 1e-3  # the deltas really changed the output
+    if path == "train":
+        probe = torch.randn_like(got)
+        (g_got,) = torch.autograd.grad((got * probe).sum(), x)
+        (g_want,) = torch.autograd.grad((want * probe).sum(), x)
+        torch.testing.assert_close(g_got, g_want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("delta_type", ["lowrank", "sparse", "full"])
@@ -83,47 +95,62 @@ def test_layer_reference_other_layouts(family, delta_type):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_gather_and_dense_paths_agree(monkeypatch):
-    """Both SparseDelta forward paths (gather for very sparse, dense scatter for denser) give the same numbers."""
+@pytest.mark.parametrize("delta_type", ["lowrank", "sparse", "full"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_expert_without_tokens_and_padding(delta_type, shared, top_k):
+    """Experts that get no token (the router sends every token to experts 1 and 2), in the training path and with
+    left padding: the layer matches the reference, and a padded training step gives finite logits and gradients."""
     model = tiny_model("llama")
-    peft_model = get_peft_model(
-        model, ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9)
-    )
-    randomize_adapter(peft_model, std=0.1)
-    layer = ders_layers(peft_model)[0]
-    x = torch.randn(4, 8, 32, requires_grad=True)
-    monkeypatch.setattr(ders_peft.SparseDelta, "gather_density", 1.0)  # force gather
-    y_gather = layer(x)
-    (g_gather,) = torch.autograd.grad(y_gather.square().sum(), x)
-    monkeypatch.setattr(ders_peft.SparseDelta, "gather_density", 0.0)  # force dense
-    y_dense = layer(x)
-    (g_dense,) = torch.autograd.grad(y_dense.square().sum(), x)
-    torch.testing.assert_close(y_gather, y_dense, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(g_gather, g_dense, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y_dense, reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
-
-
-def test_expert_without_tokens_and_padding():
-    """A batch in which some experts get no token (router biased to one expert), with left padding: no NaN."""
-    model = tiny_model("llama")
-    peft_model = get_peft_model(model, ders_peft.DeRSConfig(num_experts=4, top_k=1, delta_type="sparse"))
+    cfg = ders_peft.DeRSConfig(num_experts=4, top_k=top_k, delta_type=delta_type, rank=2, shared_expert=shared)
+    peft_model = get_peft_model(model, cfg)
     randomize_adapter(peft_model, std=0.1)
     for layer in ders_layers(peft_model):
         with torch.no_grad():
             layer.ders_router["default"].weight.zero_()
-            layer.ders_router["default"].weight[2] = 5.0  # every token positive-sum -> expert 2 mostly
-    x = torch.abs(torch.randn(1, 4, 32))
+            layer.ders_router["default"].weight[2] = 5.0  # positive inputs: expert 2 first, then expert 1
+            layer.ders_router["default"].weight[1] = 2.0
     layer = ders_layers(peft_model)[0]
-    torch.testing.assert_close(layer(x), reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
-    ids = torch.randint(0, 97, (2, 6))
+    x = torch.abs(torch.randn(2, 12, 32)).requires_grad_()
+    idx = torch.topk(x.reshape(-1, 32) @ layer.ders_router["default"].weight.t(), top_k).indices
+    assert set(idx.unique().tolist()) <= {1, 2}  # experts 0 and 3 receive nothing
+    got = layer(x)
+    torch.testing.assert_close(got, reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+    ids = torch.randint(0, 97, (2, 10))
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0
+    mask[0, :4] = 0
     peft_model.train()
     out = peft_model(input_ids=ids, attention_mask=mask, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.logits).all()
     grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_padded_batch_matches_reference_modules():
+    """With left padding and gradients on (the training path), every DeRS layer's output equals its naive reference:
+    the padded model's logits are unchanged when each layer is replaced by the reference."""
+    model = tiny_model("llama", layers=2)
+    cfg = ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.6, shared_expert=True)
+    peft_model = get_peft_model(model, cfg)
+    randomize_adapter(peft_model, std=0.1)
+    ids = torch.randint(0, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[1, :2] = 0
+    got = peft_model(input_ids=ids, attention_mask=mask).logits
+    handles = [
+        layer.register_forward_hook(lambda mod, args, out: reference_layer_output(mod, args[0]))
+        for layer in ders_layers(peft_model)
+    ]
+    want = peft_model(input_ids=ids, attention_mask=mask).logits
+    for h in handles:
+        h.remove()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("delta_type", ["lowrank", "sparse", "full"])

@@ -1,0 +1,131 @@
+"""The sparse-delta training path (`ders_peft.sparse_path`): hand-written backward, gather and CSR modes, and what the
+routed layers never do (build a dense per-expert matrix, run a base projection per slot)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ders_testing import ders_layers, randomize_adapter, tiny_model
+from peft import get_peft_model
+from test_layer_reference import reference_layer_output
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ders_peft
+from ders_peft import ffn, sparse_path
+from ders_peft.deltas import SparseDelta
+from ders_peft.routing import route
+
+
+@pytest.mark.parametrize("mode", ["gather", "csr"])
+@pytest.mark.parametrize("gated,num_in,bias", [(True, 2, False), (True, 1, False), (False, 1, True)])
+@pytest.mark.parametrize("num_slots", [1, 3])
+def test_slot_core_gradcheck(mode, gated, num_in, bias, num_slots, monkeypatch):
+    """Double-precision gradcheck of the hand-written backward: x, base, router weights, values and biases."""
+    monkeypatch.setattr(sparse_path, "GATHER_DENSITY", 1.0 if mode == "gather" else 0.0)
+    gen = torch.Generator().manual_seed(0)
+    T, hidden, width, E = 7, 5, 4, 4
+    outs = [width] * num_in if not (gated and num_in == 1) else [2 * width]
+    deltas = [SparseDelta(E, o, hidden, sparse_rate=0.6, generator=gen) for o in outs]
+    deltas.append(SparseDelta(E, hidden, width, sparse_rate=0.6, generator=gen))
+    logits = torch.randn(T, E, generator=gen)
+    logits[:, 3] -= 100.0  # expert 3 receives no token
+    plan, _ = route(logits, num_slots, normalize=False)
+    order, _, counts = plan.sorted_slots()
+    assert counts[3] == 0
+    act = torch.nn.functional.silu if gated else torch.nn.functional.gelu
+    spec = (act, gated, gated, [sparse_path._SparseOp.of(d) for d in deltas], (bias,) * len(outs), order, counts)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    inputs = [rnd(T, hidden), rnd(T, sum(outs)), rnd(T, num_slots)]
+    inputs += [rnd(E, d.nnz) for d in deltas]
+    inputs += [rnd(E, o) for o in outs] if bias else []
+    assert torch.autograd.gradcheck(lambda *t: sparse_path._SparseSlots.apply(spec, *t), inputs)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi", "phi3", "gpt2"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_gather_and_csr_modes_agree_with_the_reference(family, shared, monkeypatch):
+    """Both modes give the reference's output and input gradient, and the same parameter gradients."""
+    peft_model = get_peft_model(
+        tiny_model(family),
+        ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9, shared_expert=shared),
+    )
+    randomize_adapter(peft_model, std=0.1)
+    layer = ders_layers(peft_model)[0]
+    x = torch.randn(3, 13, 32, requires_grad=True)  # 39 tokens with gradients: the training path, not decode
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    probe = torch.randn(3, 13, 32)
+    results = []
+    for density in (1.0, 0.0):  # gather, then CSR
+        monkeypatch.setattr(sparse_path, "GATHER_DENSITY", density)
+        y = layer(x)
+        results.append((y, torch.autograd.grad((y * probe).sum(), params)))
+    (y_gather, g_gather), (y_csr, g_csr) = results
+    want = reference_layer_output(layer, x)
+    (gx_want,) = torch.autograd.grad((want * probe).sum(), x)
+    torch.testing.assert_close(y_gather, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_csr, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_gather[0], gx_want, atol=2e-5, rtol=1e-4)
+    for a, b in zip(g_gather, g_csr, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert all(g.abs().max() > 0 for g in g_gather)  # every trainable tensor receives a gradient
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the shapes of every op's new dense outputs (views of ``owned`` storages left out) and the (M, K, N) of
+    every dense matmul."""
+
+    def __init__(self, owned: set[int]) -> None:
+        super().__init__()
+        self.owned = owned
+        self.shapes: set[tuple[int, ...]] = set()
+        self.matmuls: list[tuple[int, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                if t.untyped_storage().data_ptr() not in self.owned:
+                    self.shapes.add(tuple(t.shape))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2], args[-1]
+            if a.layout == torch.strided and b.layout == torch.strided:
+                self.matmuls.append((a.shape[0], a.shape[1], b.shape[1]))
+        return out
+
+
+@pytest.mark.parametrize("delta_type", ["lowrank", "sparse"])
+@pytest.mark.parametrize("family", ["llama", "phi"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_no_expert_matrix_and_base_once_per_token(delta_type, family, shared):
+    """In a training step no dense per-expert weight matrix is built, and the base projections run on T rows (once per
+    token; the down projection once, on the router-weighted mix), never on the T * top_k routed slots."""
+    hidden, inter, num_experts, tokens = 32, 48, 4, 21
+    cfg = ders_peft.DeRSConfig(
+        num_experts=num_experts,
+        top_k=2,
+        delta_type=delta_type,
+        rank=2,
+        sparse_rate=0.5,
+        shared_expert=shared,
+        train_base=False,  # no base-weight gradients: every (inter, hidden) tensor would be an expert matrix
+    )
+    peft_model = get_peft_model(tiny_model(family), cfg)
+    randomize_adapter(peft_model, std=0.1)
+    layer = ders_layers(peft_model)[0]
+    layer.train()
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    log = _OpLog({p.untyped_storage().data_ptr() for p in layer.parameters()})
+    with log:
+        layer(x).square().sum().backward()
+    width = ffn.intermediate_size(layer.base_layer, layer.layout)
+    assert width == inter
+    matrices = {(inter, hidden), (hidden, inter)}
+    forbidden = matrices | {(e, *m) for e in (num_experts, num_experts + 1) for m in matrices}
+    assert not log.shapes & forbidden, sorted(log.shapes & forbidden)
+    base_products = [
+        mm for mm in log.matmuls if (mm[1], mm[2]) in {(hidden, inter), (hidden, 2 * inter), (inter, hidden)}
+    ]
+    assert base_products and all(m == tokens for m, _, _ in base_products), base_products
