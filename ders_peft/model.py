@@ -68,6 +68,7 @@ class DeRSModel(BaseTuner):
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: DeRSConfig, model_config: dict) -> DeRSConfig:
+        peft_config.validate()  # again: fields may have been edited since the config was created
         peft_config.check_model(model_config)
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")

@@ -102,6 +102,15 @@ def test_rank_above_matrix_size():
         get_peft_model(tiny_model("llama"), DeRSConfig(rank=33))
 
 
+@pytest.mark.parametrize("field,value", [("top_k", 5), ("delta_type", "dense"), ("sparse_rate", 1.0), ("rank", 0)])
+def test_fields_edited_after_creation_are_checked_again(field, value):
+    """A config changed after construction is validated again by get_peft_model, before any layer is built."""
+    cfg = DeRSConfig(num_experts=2, top_k=1)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=rf"DeRSConfig\.{field}="):
+        get_peft_model(tiny_model("llama"), cfg)
+
+
 @pytest.mark.parametrize("target", [["self_attn"], ["gate_proj"], ["c_fc"]])
 def test_target_that_is_not_an_ffn_block(target):
     family = "gpt2" if target == ["c_fc"] else "llama"

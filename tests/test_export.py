@@ -111,6 +111,15 @@ EXACT_CASES = {
         {"layers_to_transform": [0, 1], "normalize_top_k": False, "num_experts": 3},
         "Qwen3MoeForCausalLM",
     ),
+    "qwen2->qwen2_moe": ("qwen2", None, {}, {"delta_type": "lowrank", "top_k": 1}, "Qwen2MoeForCausalLM"),
+    "mistral(universal)->qwen2_moe": (
+        "mistral",
+        "qwen2_moe",
+        {"sliding_window": 4},
+        {"delta_type": "sparse", "shared_expert": True},
+        "Qwen2MoeForCausalLM",
+    ),
+    "qwen3->qwen3_moe": ("qwen3", None, {}, {"delta_type": "full"}, "Qwen3MoeForCausalLM"),
     "granite->granitemoe": ("granite", None, {}, {"delta_type": "sparse"}, "GraniteMoeForCausalLM"),
     "granite(attention_bias,universal)->granitemoeshared": (
         "granite",
