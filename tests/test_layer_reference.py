@@ -185,3 +185,31 @@ def test_whole_model_matches_reference_modules():
         for h in handles:
             h.remove()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _init_state(seed: int, delta_type: str) -> dict[str, torch.Tensor]:
+    cfg = ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type=delta_type, sparse_rate=0.9, seed=seed)
+    peft_model = get_peft_model(tiny_model("llama"), cfg)
+    return {k: v.clone() for k, v in peft_model.state_dict().items() if ".ders_" in k}
+
+
+@pytest.mark.parametrize("delta_type", ["lowrank", "sparse"])
+def test_initialisation_is_reproducible_from_the_seed(delta_type):
+    """Router, low-rank A and sparse indices follow ``seed`` (same seed: identical; other seed: different), differ
+    between experts and layers; B and sparse values start at zero; sparse indices are unique within each expert."""
+    first, again, other = _init_state(0, delta_type), _init_state(0, delta_type), _init_state(1, delta_type)
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    random_keys = [k for k in first if "ders_router" in k or "lora_a" in k or k.endswith("indices")]
+    assert random_keys and all(not torch.equal(first[k], other[k]) for k in random_keys)
+    layer0 = [k for k in random_keys if ".layers.0." in k]
+    assert all(not torch.equal(first[k], first[k.replace(".layers.0.", ".layers.1.")]) for k in layer0)
+    for key, value in first.items():
+        if "lora_b" in key or (delta_type == "sparse" and ".ders_delta." in key and key.endswith(".weight")):
+            assert value.abs().max() == 0, key
+        if key.endswith("indices"):
+            assert value.dtype == torch.int32
+            assert all(row.unique().numel() == row.numel() for row in value), key
+            assert not torch.equal(value[0], value[1])  # each expert has its own positions
+        if "lora_a" in key:
+            assert not torch.equal(value[:4], value[4:8])  # experts 0 and 1 (rank 4: 4 rows each) differ
