@@ -1,5 +1,6 @@
-"""The sparse-delta training path (`ders_peft.sparse_path`): hand-written backward, gather and CSR modes, and what the
-routed layers never do (build a dense per-expert matrix, run a base projection per slot)."""
+"""The grouped training path (`ders_peft.grouped_path`: sparse deltas, biased low-rank deltas): the hand-written
+backward, gather and CSR modes, and what the routed layers never do (build a dense per-expert matrix, run a base
+projection per slot)."""
 
 from __future__ import annotations
 
@@ -11,37 +12,44 @@ from test_layer_reference import reference_layer_output
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ders_peft
-from ders_peft import ffn, sparse_path
-from ders_peft.deltas import SparseDelta
+from ders_peft import ffn, functional, grouped_path
+from ders_peft.deltas import LowRankDelta, SparseDelta
+from ders_peft.grouped_path import grouped_routed_ffn
 from ders_peft.routing import route
 
 
-@pytest.mark.parametrize("mode", ["gather", "csr"])
+@pytest.mark.parametrize("mode", ["sparse-gather", "sparse-csr", "lowrank"])
 @pytest.mark.parametrize("gated,num_in,bias", [(True, 2, False), (True, 1, False), (False, 1, True)])
 @pytest.mark.parametrize("num_slots", [1, 3])
 def test_slot_core_gradcheck(mode, gated, num_in, bias, num_slots, monkeypatch):
-    """Double-precision gradcheck of the hand-written backward: x, base, router weights, values and biases."""
-    monkeypatch.setattr(sparse_path, "GATHER_DENSITY", 1.0 if mode == "gather" else 0.0)
+    """Double-precision gradcheck of the hand-written backward: x, base, router weights, delta tensors and biases."""
+    monkeypatch.setattr(grouped_path, "GATHER_DENSITY", 0.0 if mode == "sparse-csr" else 1.0)
     gen = torch.Generator().manual_seed(0)
     T, hidden, width, E = 7, 5, 4, 4
     outs = [width] * num_in if not (gated and num_in == 1) else [2 * width]
-    deltas = [SparseDelta(E, o, hidden, sparse_rate=0.6, generator=gen) for o in outs]
-    deltas.append(SparseDelta(E, hidden, width, sparse_rate=0.6, generator=gen))
+    if mode == "lowrank":
+        deltas = [LowRankDelta(E, o, hidden, rank=2, generator=gen) for o in outs]
+        deltas.append(LowRankDelta(E, hidden, width, rank=2, generator=gen))
+    else:
+        deltas = [SparseDelta(E, o, hidden, sparse_rate=0.6, generator=gen) for o in outs]
+        deltas.append(SparseDelta(E, hidden, width, sparse_rate=0.6, generator=gen))
     logits = torch.randn(T, E, generator=gen)
     logits[:, 3] -= 100.0  # expert 3 receives no token
     plan, _ = route(logits, num_slots, normalize=False)
     order, _, counts = plan.sorted_slots()
     assert counts[3] == 0
     act = torch.nn.functional.silu if gated else torch.nn.functional.gelu
-    spec = (act, gated, gated, [sparse_path._SparseOp.of(d) for d in deltas], (bias,) * len(outs), order, counts)
+    ops = [grouped_path.EXPERT_OPS[type(d)](d) for d in deltas]
+    shapes = [p.shape for op, d in zip(ops, deltas, strict=True) for p in type(op).params_of(d)]
+    num_params = tuple(len(type(op).params_of(d)) for op, d in zip(ops, deltas, strict=True))
+    spec = grouped_path._Spec(act, gated, gated, ops, num_params, (bias,) * len(outs), order, counts)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
-    inputs = [rnd(T, hidden), rnd(T, sum(outs)), rnd(T, num_slots)]
-    inputs += [rnd(E, d.nnz) for d in deltas]
+    inputs = [rnd(T, hidden), rnd(T, sum(outs)), rnd(T, num_slots), *(rnd(*shape) for shape in shapes)]
     inputs += [rnd(E, o) for o in outs] if bias else []
-    assert torch.autograd.gradcheck(lambda *t: sparse_path._SparseSlots.apply(spec, *t), inputs)
+    assert torch.autograd.gradcheck(lambda *t: grouped_path._GroupedSlots.apply(spec, *t), inputs)
 
 
 @pytest.mark.parametrize("family", ["llama", "phi", "phi3", "gpt2"])
@@ -50,7 +58,14 @@ def test_gather_and_csr_modes_agree_with_the_reference(family, shared, monkeypat
     """Both modes give the reference's output and input gradient, and the same parameter gradients."""
     peft_model = get_peft_model(
         tiny_model(family),
-        ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9, shared_expert=shared),
+        ders_peft.DeRSConfig(
+            num_experts=4,
+            top_k=2,
+            delta_type="sparse",
+            sparse_rate=0.9,
+            shared_expert=shared,
+            router_aux_loss_coef=0.0,  # its gradient would reach x too; the reference has none
+        ),
     )
     randomize_adapter(peft_model, std=0.1)
     layer = ders_layers(peft_model)[0]
@@ -59,7 +74,7 @@ def test_gather_and_csr_modes_agree_with_the_reference(family, shared, monkeypat
     probe = torch.randn(3, 13, 32)
     results = []
     for density in (1.0, 0.0):  # gather, then CSR
-        monkeypatch.setattr(sparse_path, "GATHER_DENSITY", density)
+        monkeypatch.setattr(grouped_path, "GATHER_DENSITY", density)
         y = layer(x)
         results.append((y, torch.autograd.grad((y * probe).sum(), params)))
     (y_gather, g_gather), (y_csr, g_csr) = results
@@ -67,9 +82,9 @@ def test_gather_and_csr_modes_agree_with_the_reference(family, shared, monkeypat
     (gx_want,) = torch.autograd.grad((want * probe).sum(), x)
     torch.testing.assert_close(y_gather, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_csr, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(g_gather[0], gx_want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(g_gather[0], gx_want, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_gather, g_csr, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert all(g.abs().max() > 0 for g in g_gather)  # every trainable tensor receives a gradient
 
 
@@ -129,3 +144,32 @@ def test_no_expert_matrix_and_base_once_per_token(delta_type, family, shared):
         mm for mm in log.matmuls if (mm[1], mm[2]) in {(hidden, inter), (hidden, 2 * inter), (inter, hidden)}
     ]
     assert base_products and all(m == tokens for m, _, _ in base_products), base_products
+
+
+@pytest.mark.parametrize("family,num_experts,rank", [("llama", 20, 4), ("phi", 4, 2), ("gpt2", 3, 2)])
+def test_grouped_low_rank_matches_the_reference(family, num_experts, rank, monkeypatch):
+    """Low-rank deltas go grouped when the stacked factors are wide (experts x rank > 64) or the experts have input
+    biases: output and input gradient equal the reference; parameter gradients equal the generic path's."""
+    calls = []
+    monkeypatch.setattr(functional, "grouped_routed_ffn", lambda *a: calls.append(1) or grouped_routed_ffn(*a))
+    cfg = ders_peft.DeRSConfig(
+        num_experts=num_experts, top_k=2, rank=rank, shared_expert=True, router_aux_loss_coef=0.0
+    )
+    peft_model = get_peft_model(tiny_model(family), cfg)
+    randomize_adapter(peft_model, std=0.1)
+    layer = ders_layers(peft_model)[0]
+    x = torch.randn(3, 13, 32, requires_grad=True)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    probe = torch.randn(3, 13, 32)
+    got = layer(x)
+    assert calls
+    grads = torch.autograd.grad((got * probe).sum(), params)
+    want = reference_layer_output(layer, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (gx_want,) = torch.autograd.grad((want * probe).sum(), x)
+    torch.testing.assert_close(grads[0], gx_want, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(functional, "grouped_supports", lambda deltas: False)  # the generic path
+    monkeypatch.setattr(functional, "STACKED_MAX_COLUMNS", 0)
+    generic = torch.autograd.grad((layer(x) * probe).sum(), params)
+    for a, b in zip(grads, generic, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
