@@ -280,14 +280,41 @@ def layer_part(shape: Shape, reps: int, warmup: int, log) -> dict:
     x = torch.randn(shape.layer_tokens, shape.hidden, generator=torch.Generator().manual_seed(3), requires_grad=True)
     x3 = x.detach().view(1, -1, shape.hidden).requires_grad_()
 
+    sparse = {}
+    for rate in (0.9999, 0.9):
+        sm_cfg = ders_peft.DeRSConfig(
+            target_modules=["mlp"], num_experts=4, top_k=2, delta_type="sparse", sparse_rate=rate
+        )
+        layer = next(
+            m for m in _peft(transformers.LlamaForCausalLM(cfg), sm_cfg).modules() if isinstance(m, DeRSLayer)
+        )
+        with torch.no_grad():
+            for p in layer.ders_delta.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        sparse[rate] = layer.train()
+
+    def with_paths(fn, stacked: bool = True, grouped: bool = True):
+        """Call ``fn`` with the stacked low-rank and/or the grouped path switched off (the generic path instead)."""
+
+        def run():
+            saved = functional._lowrank_fast_path, functional.grouped_supports
+            if not stacked:
+                functional._lowrank_fast_path = lambda *a: False
+            if not grouped:
+                functional.grouped_supports = lambda deltas: False
+            try:
+                return fn()
+            finally:
+                functional._lowrank_fast_path, functional.grouped_supports = saved
+
+        return run
+
     with torch.no_grad():  # the alternative layouts compute the same function
         ref = lm(x)
-        functional_fast = functional._lowrank_fast_path
-        functional._lowrank_fast_path = lambda *a: False
-        generic = lm(x)
-        functional._lowrank_fast_path = functional_fast
+        generic = with_paths(lambda: lm(x), stacked=False, grouped=False)()
+        grouped = with_paths(lambda: lm(x), stacked=False)()
         loop = factorised_loop_ffn(lm, x)
-    max_err = max(float((generic - ref).abs().max()), float((loop - ref).abs().max()))
+    max_err = max(float((other - ref).abs().max()) for other in (generic, grouped, loop))
     log(f"layer paths agree to {max_err:.2e}")
 
     def fwd_bwd(fn):
@@ -297,19 +324,14 @@ def layer_part(shape: Shape, reps: int, warmup: int, log) -> dict:
 
         return run
 
-    def generic_path():
-        saved = functional._lowrank_fast_path
-        functional._lowrank_fast_path = lambda *a: False
-        try:
-            return lm(x)
-        finally:
-            functional._lowrank_fast_path = saved
-
     arms = {
         "dense_ffn": fwd_bwd(lambda: dense(x)),
         "ders_lm_fast": fwd_bwd(lambda: lm(x)),
-        "ders_lm_stacked_masked": fwd_bwd(generic_path),
+        "ders_lm_stacked_masked": fwd_bwd(with_paths(lambda: lm(x), stacked=False, grouped=False)),
+        "ders_lm_grouped": fwd_bwd(with_paths(lambda: lm(x), stacked=False)),
         "ders_lm_factorised_loop": fwd_bwd(lambda: factorised_loop_ffn(lm, x)),
+        "ders_sm_0.9999_grouped": fwd_bwd(lambda: sparse[0.9999](x)),
+        "ders_sm_0.9_grouped": fwd_bwd(lambda: sparse[0.9](x)),
         "ders_full_loop": fwd_bwd(lambda: full(x)),
         f"mixtral_block_{mix_default_impl}": fwd_bwd(lambda: mix_default(x3)),
     }
@@ -408,6 +430,10 @@ def targets(results: dict, lora_name: str) -> list[dict]:
         fb = lm + "_frozenbase"
         if fb in mem:
             rows.append(("peak memory: DeRS-LM (frozen base) / dense+LoRA", mem[fb]["peak_over_start_mb"] / ref, 1.15))
+        for rate in ("0.9999", "0.999", "0.9"):
+            sm = f"ders_sm_{rate}_N4k2"
+            if sm in mem:
+                rows.append((f"peak memory: DeRS-SM p={rate} / dense+LoRA", mem[sm]["peak_over_start_mb"] / ref, 1.15))
     return [{"what": w, "measured": round(v, 3), "target": t, "met": v <= t} for w, v, t in rows]
 
 
