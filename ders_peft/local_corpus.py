@@ -149,8 +149,12 @@ def python_source_files(packages: Sequence[str] | None = None, exclude: Sequence
 
 
 def pydoc_text() -> str:
-    """The English documentation topics of ``pydoc_data.topics``, sorted by topic name and joined."""
-    from pydoc_data.topics import topics
+    """The English documentation topics of ``pydoc_data.topics``, sorted by topic name and joined; empty (the corpus
+    is then the standard library's source alone) on a Python install that leaves ``pydoc_data`` out."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return ""
 
     return "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
 
@@ -229,7 +233,7 @@ def prose_corpus(max_chars: int | None = DEFAULT_PRETRAIN_CHARS, split: str = "a
         files = splits[split]
     files = sorted(files)
     random.Random(seed).shuffle(files)
-    docs = [pydoc_text()] if split in ("all", "train") else []
+    docs = [text for text in [pydoc_text()] if text] if split in ("all", "train") else []
     if max_chars is not None:
         docs = [d[:max_chars] for d in docs]
         max_chars -= sum(len(d) for d in docs)

@@ -144,3 +144,20 @@ def test_interrupted_write_leaves_no_valid_cache(tmp_path, monkeypatch):
     monkeypatch.undo()
     pretrained_base(tmp_path, max_chars=TINY_CHARS, **TINY)
     assert len(_valid_caches(tmp_path)) == 1
+
+
+def test_corpus_without_pydoc_data(monkeypatch):
+    """A Python install without ``pydoc_data`` still gives a pretraining corpus (the standard library's source)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pydoc(name, *args, **kwargs):
+        if name.startswith("pydoc_data"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pydoc)
+    assert lc.pydoc_text() == ""
+    docs = lc.prose_corpus(max_chars=20_000)
+    assert docs and sum(len(d) for d in docs) == 20_000 and all(docs)
