@@ -236,7 +236,7 @@ def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor,
     pres = []
     for name, weight in zip(lay.in_projs, weights[:-1], strict=True):
         delta = deltas[name]
-        rows, cols = (t.index_select(0, flat_idx) for t in delta.positions()[:2])  # (T*S, nnz)
+        rows, cols = (t.index_select(0, flat_idx) for t in delta.positions())  # (T*S, nnz)
         values = delta.weight.index_select(0, flat_idx)
         if delta.scale != 1.0:
             values = values * delta.scale
@@ -248,7 +248,7 @@ def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor,
         pres.append(pre)
     h = _activate(pres, _plain(ffn.activation(layer.base_layer, lay)), lay.gated)  # (T*S, I)
     delta = deltas[lay.out_proj]
-    rows, cols = (t.index_select(0, flat_idx) for t in delta.positions()[:2])
+    rows, cols = (t.index_select(0, flat_idx) for t in delta.positions())
     values = delta.weight.index_select(0, flat_idx) * w.reshape(-1, 1)  # router weight folded into the values
     if delta.scale != 1.0:
         values = values * delta.scale

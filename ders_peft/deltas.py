@@ -162,11 +162,11 @@ class SparseDelta(Delta):
     def density(self) -> float:
         return self.nnz / (self.out_features * self.in_features)
 
-    def positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output rows, input columns and flat positions ``(E, nnz)`` (int64) of the fixed indices (cached)."""
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output rows and input columns ``(E, nnz)`` (int64) of the fixed indices (cached)."""
 
         def build(flat):
-            return flat // self.in_features, flat % self.in_features, flat
+            return flat // self.in_features, flat % self.in_features
 
         return self._from_indices("positions", build)
 

@@ -35,29 +35,35 @@ class _CSRLayout:
 
     crow: list[torch.Tensor]
     col: list[torch.Tensor]
-    perm: list[torch.Tensor]
+    perm: list[torch.Tensor | None]  # None: the values are already in row-major order (indices sorted at creation)
     crow_t: list[torch.Tensor]
     col_t: list[torch.Tensor]
     perm_t: list[torch.Tensor]
 
 
 def _csr_layout(delta: SparseDelta) -> _CSRLayout:
+    """Built once per index buffer; int32 throughout (as small as the stored indices), no int64 position arrays."""
     out_f, in_f = delta.out_features, delta.in_features
 
     def build(flat: torch.Tensor) -> _CSRLayout:
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("crow", "col", "perm", "crow_t", "col_t", "perm_t")}
+        parts: dict[str, list] = {k: [] for k in ("crow", "col", "perm", "crow_t", "col_t", "perm_t")}
         for e in range(flat.shape[0]):
             rows, cols = flat[e] // in_f, flat[e] % in_f
             for suffix, major, minor, size in (("", rows, cols, out_f), ("_t", cols, rows, in_f)):
                 perm = torch.argsort(major * (in_f + out_f) + minor)
-                crow = torch.zeros(size + 1, dtype=torch.long, device=flat.device)
+                crow = torch.zeros(size + 1, dtype=torch.int32, device=flat.device)
                 crow[1:] = torch.bincount(major, minlength=size).cumsum(0)
                 parts["crow" + suffix].append(crow)
-                parts["col" + suffix].append(minor[perm].contiguous())
-                parts["perm" + suffix].append(perm)
+                parts["col" + suffix].append(minor[perm].to(torch.int32))
+                ordered = suffix == "" and bool((perm == torch.arange(perm.numel(), device=perm.device)).all())
+                parts["perm" + suffix].append(None if ordered else perm.to(torch.int32))
         return _CSRLayout(**parts)
 
     return delta._from_indices("csr", build)
+
+
+def _in_order(values: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    return values if perm is None else values.index_select(0, perm)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -100,17 +106,18 @@ class ExpertOp:
 class SparseOp(ExpertOp):
     """Sparse deltas: values ``(E, nnz)`` at fixed positions, without a dense matrix."""
 
-    rows: torch.Tensor
-    cols: torch.Tensor
+    rows: torch.Tensor | None  # gather mode: output rows and input columns (int64)
+    cols: torch.Tensor | None
     out_features: int
     in_features: int
-    csr: _CSRLayout | None
+    csr: _CSRLayout | None  # CSR mode
 
     @classmethod
     def of(cls, delta: SparseDelta) -> SparseOp:
-        rows, cols, _ = delta.positions()
-        csr = _csr_layout(delta) if delta.density > GATHER_DENSITY else None
-        return cls(rows, cols, delta.out_features, delta.in_features, csr)
+        if delta.density > GATHER_DENSITY:
+            return cls(None, None, delta.out_features, delta.in_features, _csr_layout(delta))
+        rows, cols = delta.positions()
+        return cls(rows, cols, delta.out_features, delta.in_features, None)
 
     @staticmethod
     def params_of(delta: SparseDelta) -> tuple[torch.Tensor, ...]:
@@ -119,8 +126,8 @@ class SparseOp(ExpertOp):
     def _matrix(self, e: int, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         c = self.csr
         if transpose:
-            return _csr(c.crow_t[e], c.col_t[e], values[c.perm_t[e]], (self.in_features, self.out_features))
-        return _csr(c.crow[e], c.col[e], values[c.perm[e]], (self.out_features, self.in_features))
+            return _csr(c.crow_t[e], c.col_t[e], _in_order(values, c.perm_t[e]), (self.in_features, self.out_features))
+        return _csr(c.crow[e], c.col[e], _in_order(values, c.perm[e]), (self.out_features, self.in_features))
 
     def add_product(self, e, inp, params, out) -> None:
         values = params[0][e]
@@ -142,9 +149,13 @@ class SparseOp(ExpertOp):
             grads[0][e] += (grad.index_select(1, self.rows[e]) * inp.index_select(1, self.cols[e])).sum(0)
             return
         grad32, inp32 = _csr_dtype(grad), _csr_dtype(inp)
-        pattern = self._matrix(e, inp32.new_zeros(self.rows.shape[1]))
+        pattern = self._matrix(e, inp32.new_zeros(params[0].shape[1]))
         sampled = torch.sparse.sampled_addmm(pattern, grad32.t().contiguous(), inp32.contiguous(), beta=0.0).values()
-        grads[0][e].index_add_(0, self.csr.perm[e], sampled.to(grad.dtype))
+        perm = self.csr.perm[e]
+        if perm is None:
+            grads[0][e] += sampled.to(grad.dtype)
+        else:
+            grads[0][e].index_add_(0, perm, sampled.to(grad.dtype))
 
 
 @dataclass(frozen=True)

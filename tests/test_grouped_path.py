@@ -173,3 +173,35 @@ def test_grouped_low_rank_matches_the_reference(family, num_experts, rank, monke
     generic = torch.autograd.grad((layer(x) * probe).sum(), params)
     for a, b in zip(grads, generic, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.0])  # gather, CSR
+def test_indices_in_any_order(density, monkeypatch):
+    """Sparse indices need not be sorted (a checkpoint may list them in any order): shuffling each expert's
+    (index, value) pairs together changes neither the output nor the gradients (mapped back through the shuffle)."""
+    monkeypatch.setattr(grouped_path, "GATHER_DENSITY", density)
+    cfg = ders_peft.DeRSConfig(num_experts=3, top_k=2, delta_type="sparse", sparse_rate=0.7, router_aux_loss_coef=0.0)
+    peft_model = get_peft_model(tiny_model("llama"), cfg)
+    randomize_adapter(peft_model, std=0.1)
+    layer = ders_layers(peft_model)[0]
+    x = torch.randn(2, 11, 32)
+    deltas = list(layer.ders_delta["default"].values())
+
+    def run():
+        y = layer(x)
+        return y.detach(), torch.autograd.grad(y.square().sum(), [d.weight for d in deltas])
+
+    y_sorted, g_sorted = run()
+    gen = torch.Generator().manual_seed(0)
+    perms = []
+    with torch.no_grad():
+        for d in deltas:
+            perm = torch.stack([torch.randperm(d.nnz, generator=gen) for _ in range(d.num_experts)])
+            d.indices.copy_(d.indices.gather(1, perm))
+            d.weight.copy_(d.weight.gather(1, perm))
+            perms.append(perm)
+    y_shuffled, g_shuffled = run()
+    torch.testing.assert_close(y_shuffled, y_sorted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_shuffled, reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
+    for a, b, perm in zip(g_shuffled, g_sorted, perms, strict=True):
+        torch.testing.assert_close(a, b.gather(1, perm), atol=1e-5, rtol=1e-5)
