@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import SiLUActivation
 
 from . import ffn
 from .deltas import FullDelta, LowRankDelta, SparseDelta
@@ -33,7 +32,6 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 MAX_DECODE_TOKENS = 16
 """Up to this many tokens per layer call the fast path is used (when no gradient is needed)."""
 
-_SILU_TYPES = (torch.nn.SiLU, SiLUActivation)
 _BLOCK_MASKS: dict[tuple, torch.Tensor] = {}
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -153,7 +151,7 @@ def _lowrank_pack(layer, adapter: str, deltas, dtype: torch.dtype) -> dict | Non
 
 def _plain(act: Activation) -> Activation:
     """``F.silu`` for SiLU modules (saves a module call per use), else ``act``."""
-    return F.silu if type(act) in _SILU_TYPES else act
+    return F.silu if ffn.is_silu(act) else act
 
 
 def _activate(pres: list[torch.Tensor], act: Activation, gated: bool) -> torch.Tensor:

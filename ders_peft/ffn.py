@@ -104,6 +104,14 @@ def activation(module: nn.Module, layout: FFNLayout) -> Callable[[torch.Tensor],
     return getattr(module, layout.act_attr)
 
 
+def is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """True for SiLU in any of its forms (``F.silu``, ``nn.SiLU``, transformers' ``SiLUActivation``): the fast paths
+    then use the fused SiLU backward kernel."""
+    from transformers.activations import SiLUActivation
+
+    return act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU | SiLUActivation)
+
+
 def intermediate_size(module: nn.Module, layout: FFNLayout) -> int:
     """Width of the hidden activation fed to the output projection."""
     return proj_shape(getattr(module, layout.out_proj))[1]

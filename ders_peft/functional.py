@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import ffn
 from .deltas import Delta, LowRankDelta
 from .grouped_path import grouped_routed_ffn
 from .grouped_path import supports as grouped_supports
@@ -142,16 +143,6 @@ def _scaled_b(delta: LowRankDelta) -> torch.Tensor:
     return b * delta.scale if delta.scale != 1.0 else b
 
 
-def _is_silu(act: Activation) -> bool:
-    if act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU):
-        return True
-    try:
-        from transformers.activations import SiLUActivation
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(act, SiLUActivation)
-
-
 class _ChunkScratch:
     """Chunk-sized work tensors, allocated once per call and reused by every chunk: a fresh allocation per chunk
     costs page faults that cost more than the elementwise work itself."""
@@ -209,7 +200,7 @@ class _LowRankSlots(torch.autograd.Function):
         z_slots = mask.new_empty(mask.shape)  # per-slot h_s A_out^T, small, kept for the router-weight gradient
         chunk = _slot_chunk(S, width, T)
         scratch = _ChunkScratch(z, chunk, S, base.shape[-1], width, z.shape[-1], k)
-        fspec = (act, gated, _is_silu(act))
+        fspec = (act, gated, ffn.is_silu(act))
         for start in range(0, T, chunk):
             rows = slice(start, start + chunk)
             mask_c, w_c = mask[rows], weights[rows].unsqueeze(-1)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ffn
 from .deltas import Delta, LowRankDelta, SparseDelta
 from .routing import RoutingPlan
 
@@ -225,7 +226,7 @@ def grouped_routed_ffn(
     biases = [b.to(dtype) for b in in_bias if b is not None]
     has_bias = tuple(b is not None for b in in_bias)
     order, _, counts = plan.sorted_slots()
-    spec = _Spec(act, gated, _is_silu(act), ops, tuple(len(p) for p in params), has_bias, order, counts)
+    spec = _Spec(act, gated, ffn.is_silu(act), ops, tuple(len(p) for p in params), has_bias, order, counts)
     flat = [t for group in params for t in group]
     with torch.autocast(device, enabled=False):
         mixed, y_delta = _GroupedSlots.apply(spec, x.to(dtype), base.to(dtype), plan.weights.to(dtype), *flat, *biases)
@@ -233,12 +234,6 @@ def grouped_routed_ffn(
     if out_bias is not None:
         y = y + plan.gate_matrix(y.dtype) @ out_bias.to(y.dtype)
     return y
-
-
-def _is_silu(act: Activation) -> bool:
-    from .functional import _is_silu as is_silu
-
-    return is_silu(act)
 
 
 @dataclass(frozen=True)
