@@ -137,7 +137,7 @@ class SparseDelta(Delta):
     with the adapter) and trainable values (zero at creation).
 
     ``forward`` (the interface, used by tests and as the generic reference) gathers the input columns each expert's
-    delta reads and adds into the rows it writes; the routed layer runs :mod:`ders_peft.sparse_path` instead (CSR
+    delta reads and adds into the rows it writes; the routed layer runs :mod:`ders_peft.grouped_path` instead (CSR
     products for denser deltas, recomputation in backward). Neither builds a dense per-expert matrix.
     """
 
