@@ -293,12 +293,10 @@ class _GroupedSlots(torch.autograd.Function):
         out_op, out_params = spec.ops[-1], state.params[-1]
         for e, a, b in state.segments:
             d_y_s = d_y.index_select(0, tok[a:b])
-            out = h.new_zeros(b - a, out_op.out_features)
-            out_op.add_product(e, h[a:b], out_params, out)
-            d_w[a:b] += (out * d_y_s).sum(-1)
-            grad = d_y_s.mul_(state.w[a:b, None])
-            d_h[a:b] += out_op.grad_input(e, grad, out_params)
-            out_op.add_grad_params(e, grad, h[a:b], out_params, d_params[-1])
+            d_out = out_op.grad_input(e, d_y_s, out_params)  # d_y Delta_e: <h Delta_e^T, d_y> = <h, d_y Delta_e>
+            d_w[a:b] += (h[a:b] * d_out).sum(-1)
+            d_h[a:b] += d_out.mul_(state.w[a:b, None])
+            out_op.add_grad_params(e, d_y_s.mul_(state.w[a:b, None]), h[a:b], out_params, d_params[-1])
         width = h.shape[1]
         d_pre = torch.empty_like(pre)
         if spec.gated:
