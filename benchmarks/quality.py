@@ -12,19 +12,23 @@ to its trainable parameters), vanilla upcycling, DeRS-LM r=1 / r=4, DeRS-SM 0.99
 extended DeRS (universal FFN). Hyper-parameters are chosen on the validation split only, in three stages:
 
 1. the base learning rate, on dense fine-tuning;
-2. the multiplier of the new parameters: ``delta_scale`` for DeRS (LM r=1, LM r=4, frozen-base LM r=4, SM 0.9 each
-   swept on its own), LoRA's ``alpha / r`` (each LoRA rank on its own); under Adam each acts as a learning-rate
-   multiplier of those tensors; extended LM, whole-model LM and SM 0.999 reuse the value of LM r=4 / SM 0.9;
-   the two MLP-side arms without such a knob (MLP-only dense fine-tuning, vanilla upcycling) get a learning-rate
-   multiplier swept instead, so that no arm wins merely by a larger effective step on the MLP;
+2. the multiplier of the new parameters: ``delta_scale`` for DeRS (swept on LM r=4 and on SM 0.9; LM r=1, the
+   frozen-base, extended and whole-model LM arms reuse LM r=4's value, SM 0.999 reuses SM 0.9's; in the 2026-11-23
+   run, which swept LM r=1 and the frozen base on their own, both chose LM r=4's value), LoRA's ``alpha / r`` (each
+   LoRA rank on its own); under Adam each acts as a learning-rate multiplier of those tensors; the two MLP-side arms
+   without such a knob (MLP-only dense fine-tuning, vanilla upcycling) get a learning-rate multiplier swept instead,
+   so that no arm wins merely by a larger effective step on the MLP. A grid whose edge wins is extended past it;
 3. every arm with every seed at the chosen settings (the seed-0 runs of stages 1-2 are reused, not rerun).
 
-Each run executes in its own subprocess (``--jobs`` at a time, each with ``--threads`` torch threads), so the peak
-resident set (VmHWM, reset just before the model is built) is that run's alone. Reported per arm: held-out test loss
-and perplexity (mean and spread over seeds), validation loss, added / trainable parameters (``parameter_report``),
-tokens per second of wall-clock and of process CPU time, peak RSS. Finished runs are stored under the cache directory
-and reused on a rerun with identical settings (``--fresh`` ignores them). The "added parameters" ratio of vanilla
-upcycling to DeRS-LM is also computed at real model sizes from models built on the meta device.
+Stages 2-3 run as one thread per multiplier family (its sweep, then its arms' runs), sharing ``--jobs`` run slots,
+so no slot waits for another family's sweep. Each run executes in its own process (``--threads`` torch threads),
+forked from a server that has already imported torch / transformers / peft / ders_peft (saving ~10 s of imports per
+run), so the peak resident set (VmHWM, reset just before the model is built) is that run's alone. Reported per arm:
+held-out test loss and perplexity (mean and spread over seeds), validation loss, added / trainable parameters
+(``parameter_report``), tokens per second of wall-clock and of process CPU time, peak RSS. Finished runs are stored
+under the cache directory and reused on a rerun with identical settings (``--fresh`` ignores them). The "added
+parameters" ratio of vanilla upcycling to DeRS-LM is also computed at real model sizes from models built on the meta
+device. Pretraining the base (first run only; cached) uses every core.
 
 Usage: ``python benchmarks/quality.py [--quick] [--out docs/benchmarks_quality.json] [--jobs 2] [--threads 1]``.
 Writes the JSON of raw results and a PNG plot (held-out loss vs added parameters) next to it.
@@ -37,9 +41,13 @@ import concurrent.futures
 import hashlib
 import json
 import math
+import multiprocessing
 import statistics
 import sys
+import threading
 import time
+import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,6 +61,7 @@ import ders_peft  # noqa: E402
 from ders_peft import local_corpus as lc  # noqa: E402
 
 transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)  # peft on 5.x
 transformers.utils.logging.disable_progress_bar()
 
 _FORMAT = 2  # bump when a change would make stored runs incomparable
@@ -79,14 +88,14 @@ class Settings:
     base: dict = field(default_factory=lambda: {"steps": 300, "seq_len": 128, "hidden_size": 128, "num_layers": 4})
     seq_len: int = 128
     batch_size: int = 8
-    steps: int = 200
+    steps: int = 100
     num_experts: int = 8
     top_k: int = 2
     train_chars: int | None = None  # None: the whole train split
     max_eval_blocks: int | None = None  # None: the whole validation / test split
     split_seed: int = 0
     seeds: tuple[int, ...] = (0, 1)
-    lr_grid: tuple[float, ...] = (5e-4, 1e-3, 2e-3)
+    lr_grid: tuple[float, ...] = (2e-3, 4e-3, 8e-3)
     scale_grid: tuple[float, ...] = (1.0, 4.0, 16.0)
     weight_decay: float = 0.0
 
@@ -137,7 +146,7 @@ ARMS: tuple[Arm, ...] = (
     Arm("lora_added", "LoRA (MLP), added-matched", "lora", "lora", lora_match="added"),
     Arm("lora_trainable", "LoRA (MLP), trainable-matched", "lora", "lora_t", lora_match="trainable"),
     Arm("vanilla", "Vanilla upcycling", "ders", "van_lr", (("delta_type", "full"),), scale_is_lr=True),
-    Arm("lm_r1", "DeRS-LM r=1", "ders", "lm1", (("delta_type", "lowrank"), ("rank", 1))),
+    Arm("lm_r1", "DeRS-LM r=1", "ders", "lm", (("delta_type", "lowrank"), ("rank", 1))),
     Arm("lm_r4", "DeRS-LM r=4", "ders", "lm", (("delta_type", "lowrank"), ("rank", 4))),
     Arm("sm_0.999", "DeRS-SM 0.999", "ders", "sm", (("delta_type", "sparse"), ("sparse_rate", 0.999))),
     Arm("sm_0.9", "DeRS-SM 0.9", "ders", "sm", (("delta_type", "sparse"), ("sparse_rate", 0.9))),
@@ -145,7 +154,7 @@ ARMS: tuple[Arm, ...] = (
         "lm_r4_frozen",
         "DeRS-LM r=4, frozen base",
         "ders",
-        "lmf",
+        "lm",
         (("delta_type", "lowrank"), ("rank", 4), ("train_base", False)),
     ),
     Arm(
@@ -171,8 +180,6 @@ ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 #: The arm each multiplier sweep is run on; the rest of the family reuses the choice.
 SWEEP_ARM = {
     "lm": "lm_r4",
-    "lm1": "lm_r1",
-    "lmf": "lm_r4_frozen",
     "sm": "sm_0.9",
     "lora": "lora_added",
     "lora_t": "lora_trainable",
@@ -180,7 +187,7 @@ SWEEP_ARM = {
     "van_lr": "vanilla",
 }
 #: Grid (and extension factor) of the learning-rate multipliers of ``scale_is_lr`` arms; others use ``scale_grid``.
-LR_SCALE_GRID, LR_SCALE_FACTOR = (1.0, 2.0, 4.0), 2.0
+LR_SCALE_GRID, LR_SCALE_FACTOR = (0.5, 1.0, 2.0), 2.0
 LR_SWEEP_ARM = "dense"
 REFERENCE_LM = "lm_r4"  # LoRA ranks are matched to this arm's counts
 MAX_EXTENSIONS = 2  # a sweep grid is extended at most this many times past a winning edge
@@ -381,13 +388,24 @@ def run_one(spec: RunSpec, settings: Settings, base_dir: str, data_path: str, th
     return result
 
 
-def worker_main(spec_path: str) -> None:
-    job = json.loads(Path(spec_path).read_text())
+def run_job(job: dict) -> dict:
+    """One run in a child process; refused if the ``ders_peft`` sources changed since the benchmark started."""
     if job["library"] != library_digest():
         raise RuntimeError(f"ders_peft at {ders_peft.__file__} changed since the benchmark started; rerun it")
+    start = time.perf_counter()
     settings = settings_from_dict(job["settings"])
     result = run_one(RunSpec(**job["spec"]), settings, job["base_dir"], job["data_path"], job["threads"])
-    print(json.dumps(result))
+    result["run_wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def _child_main(job: dict, conn) -> None:
+    try:
+        conn.send(("ok", run_job(job)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
 
 
 def settings_from_dict(d: dict) -> Settings:
@@ -399,24 +417,40 @@ def settings_from_dict(d: dict) -> Settings:
 # Orchestration
 # ----------------------------------------------------------------------------------------------------------------
 
+#: Imported once by the fork server, so a run's process starts in milliseconds instead of ~10 s of imports.
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "ders_peft", "__main__"]
+
 
 class Runner:
-    """Runs specs (subprocess per run, or in-process), storing each result as JSON so reruns can skip it."""
+    """Runs specs, ``jobs`` at a time, each in a fresh process forked from a pre-imported server.
 
-    def __init__(self, settings, base_dir, data_path, store: Path, threads, jobs, in_process, fresh, log) -> None:
+    One process per run keeps each run's peak memory (VmHWM) its own. Every result is stored as JSON, so a rerun
+    with identical settings skips it (unless ``fresh``). ``run`` may be called from several threads at once: a spec
+    asked for twice runs once.
+    """
+
+    def __init__(self, settings, base_dir, data_path, store: Path, threads, jobs, fresh, log) -> None:
         self.settings, self.base_dir, self.data_path = settings, str(base_dir), str(data_path)
-        self.store, self.threads, self.jobs, self.in_process, self.log = store, threads, jobs, in_process, log
+        self.store, self.threads, self.fresh, self.log = store, threads, fresh, log
         self.store.mkdir(parents=True, exist_ok=True)
-        self.fresh = fresh
         self.library = library_digest()
         self.results: dict[str, dict] = {}
+        self._futures: dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._slots = concurrent.futures.ThreadPoolExecutor(max(1, jobs), thread_name_prefix="run")
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(PRELOAD)
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._slots.shutdown(wait=exc[0] is None, cancel_futures=True)
 
     def _path(self, spec: RunSpec) -> Path:
         return self.store / f"{spec.key}.json"
 
-    def _run(self, spec: RunSpec) -> dict:
-        if self.in_process:
-            return run_one(spec, self.settings, self.base_dir, self.data_path, self.threads)
+    def _execute(self, spec: RunSpec) -> dict:
         job = {
             "spec": asdict(spec),
             "settings": asdict(self.settings),
@@ -425,42 +459,44 @@ class Runner:
             "threads": self.threads,
             "library": self.library,
         }
-        job_path = self.store / f"{spec.key}.job.json"
-        job_path.write_text(json.dumps(job))
-        return _common.run_json_subprocess([__file__, "--worker", str(job_path)], timeout=3 * 3600)
+        receive, send = self._context.Pipe(duplex=False)
+        proc = self._context.Process(target=_child_main, args=(job, send), name=spec.key)
+        proc.start()
+        send.close()
+        try:
+            status, payload = receive.recv()
+        except EOFError:
+            proc.join()
+            raise RuntimeError(f"run {spec.key} died without a result (exit code {proc.exitcode})") from None
+        proc.join()
+        if status != "ok":
+            raise RuntimeError(f"run {spec.key} failed:\n{payload}")
+        _common.write_json(self._path(spec), payload)
+        self.results[spec.key] = payload
+        self.log(
+            f"  {spec.key}: val {payload['val_loss']:.4f} test {payload['test_loss']:.4f} "
+            f"({payload['train_seconds']:.0f} s train, {payload['train_cpu_seconds']:.0f} cpu-s, "
+            f"peak +{payload['peak_over_start_mb']:.0f} MB)"
+        )
+        return payload
+
+    def _submit(self, spec: RunSpec) -> concurrent.futures.Future:
+        with self._lock:
+            if spec.key not in self._futures:
+                path = self._path(spec)
+                if path.is_file() and not self.fresh:
+                    future: concurrent.futures.Future = concurrent.futures.Future()
+                    self.results[spec.key] = json.loads(path.read_text())
+                    future.set_result(self.results[spec.key])
+                    self.log(f"  {spec.key}: stored (test loss {self.results[spec.key]['test_loss']:.4f})")
+                else:
+                    future = self._slots.submit(self._execute, spec)
+                self._futures[spec.key] = future
+            return self._futures[spec.key]
 
     def run(self, specs: list[RunSpec]) -> list[dict]:
-        todo = []
-        for spec in dict.fromkeys(specs):  # unique, in order
-            path = self._path(spec)
-            if spec.key in self.results:
-                continue
-            if path.is_file() and not self.fresh:
-                self.results[spec.key] = json.loads(path.read_text())
-                self.log(f"  {spec.key}: stored (test loss {self.results[spec.key]['test_loss']:.4f})")
-            else:
-                todo.append(spec)
-
-        def one(spec: RunSpec) -> None:
-            start = time.perf_counter()
-            result = self._run(spec)
-            result["run_wall_seconds"] = time.perf_counter() - start
-            _common.write_json(self._path(spec), result)
-            self.results[spec.key] = result
-            self.log(
-                f"  {spec.key}: val {result['val_loss']:.4f} test {result['test_loss']:.4f} "
-                f"({result['train_seconds']:.0f} s train, {result['train_cpu_seconds']:.0f} cpu-s, "
-                f"peak +{result['peak_over_start_mb']:.0f} MB)"
-            )
-
-        if self.in_process or self.jobs <= 1:
-            for spec in todo:
-                one(spec)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
-                for fut in [pool.submit(one, s) for s in todo]:
-                    fut.result()
-        return [self.results[s.key] for s in specs]
+        """Results of ``specs`` (in order), running those not stored; blocks until all are done."""
+        return [future.result() for future in [self._submit(spec) for spec in specs]]
 
 
 def choose(results: list[dict], values: list[float]) -> tuple[float, dict[str, float]]:
@@ -823,24 +859,73 @@ def prepare_data(tokenizer, settings: Settings, path: Path) -> dict:
     } | {"packages": list(lc.CODE_DOMAIN_PACKAGES)}
 
 
+def sweep(runner: Runner, make, arm: str, grid: tuple[float, ...], factor: float) -> tuple[float, dict[str, float]]:
+    """Sweep one knob of ``arm`` on ``grid``, extending it past an edge that wins (at most ``MAX_EXTENSIONS``
+    times); returns the chosen value and the validation loss of every value tried."""
+    values = list(grid)
+    while True:
+        best, by_value = choose(runner.run([make(arm, x) for x in values]), values)
+        extra = grid_extension(values, best, factor)
+        if extra is None or len(values) >= len(grid) + MAX_EXTENSIONS:
+            return best, by_value
+        values.append(extra)
+
+
+def tune_and_run(runner: Runner, settings: Settings, lora_rank: dict[str, int], log) -> tuple:
+    """Stages 1-3 of the module docstring. Each multiplier family runs as its own thread (its sweep, then its arms'
+    runs for every seed), so both run slots stay busy; returns (lr, multipliers, selection, final specs per arm)."""
+    seed0 = settings.seeds[0]
+
+    def spec(arm_name: str, seed: int, lr: float, scale: float = 1.0) -> RunSpec:
+        arm = ARM_BY_NAME[arm_name]
+        rank = lora_rank[arm.lora_match] if arm.kind == "lora" else 0
+        return RunSpec(arm_name, seed, lr, scale if arm.family else 1.0, rank)
+
+    log(f"stage 1: base learning rate on {LR_SWEEP_ARM}, grid {settings.lr_grid}")
+    lr, vals = sweep(runner, lambda arm, x: spec(arm, seed0, x), LR_SWEEP_ARM, settings.lr_grid, 2.0)
+    selection = {"base learning rate": {"arm": LR_SWEEP_ARM, "val_loss": vals, "chosen": lr}}
+    log(
+        f"stages 2-3 at lr {lr:g}: multiplier sweeps (grid {settings.scale_grid}; lr multipliers {LR_SCALE_GRID}), "
+        f"then every arm x seeds {settings.seeds}"
+    )
+
+    def family_task(family: str) -> tuple[float, dict | None]:
+        chosen, vals = 1.0, None
+        if family:
+            arm = ARM_BY_NAME[SWEEP_ARM[family]]
+            grid, factor = (LR_SCALE_GRID, LR_SCALE_FACTOR) if arm.scale_is_lr else (settings.scale_grid, 4.0)
+            chosen, vals = sweep(runner, lambda a, x: spec(a, seed0, lr, x), arm.name, grid, factor)
+            log(f"  {family}: chose {chosen:g} ({vals})")
+        runner.run([spec(a.name, s, lr, chosen) for a in ARMS if a.family == family for s in settings.seeds])
+        return chosen, vals
+
+    families = [*SWEEP_ARM, ""]  # the arms without a multiplier last: nothing waits for them
+    with concurrent.futures.ThreadPoolExecutor(len(families), thread_name_prefix="family") as pool:
+        outcomes = dict(zip(families, pool.map(family_task, families)))
+    scale = {family: chosen for family, (chosen, _) in outcomes.items()}
+    for family, arm_name in SWEEP_ARM.items():
+        arm = ARM_BY_NAME[arm_name]
+        what = "lr multiplier" if arm.scale_is_lr else "LoRA alpha / r" if arm.kind == "lora" else "delta_scale"
+        selection[f"{what}, {arm.label}"] = {"arm": arm_name, "val_loss": outcomes[family][1], "chosen": scale[family]}
+    log(f"chosen: lr {lr:g}, multipliers {scale}")
+    final = {a.name: [spec(a.name, s, lr, scale[a.family]) for s in settings.seeds] for a in ARMS}
+    return lr, scale, selection, final
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny settings, one seed, runs in-process (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, one seed (smoke test)")
     parser.add_argument(
         "--out",
         default=None,
         help="raw-results JSON, PNG beside it (default: docs/benchmarks_quality.json; --quick: a temporary folder)",
     )
     parser.add_argument("--cache", default="~/.cache/ders_peft/base", help="cache of the base model and of runs")
-    parser.add_argument("--jobs", type=int, default=2, help="runs executed at once (one subprocess each)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs executed at once (one process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--fresh", action="store_true", help="ignore stored runs and rerun everything")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the existing --out JSON")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        worker_main(args.worker)
-        return {}
     if args.out is None:
         args.out = str(_common.output_dir(None, args.quick and not args.replot) / "benchmarks_quality.json")
     if args.replot:
@@ -855,8 +940,7 @@ def main(argv: list[str] | None = None) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.0f}s] {msg}", flush=True)
 
-    torch.set_num_threads(args.threads)
-    cache = Path(args.cache).expanduser()
+    cache = Path(args.cache).expanduser()  # pretraining and the base's evaluation use every core; runs use --threads
     base, tokenizer = lc.pretrained_base(cache, **settings.base, log_every=0 if args.quick else 50)
     base_dir = Path(base.name_or_path)
     base_meta = json.loads((base_dir / "ders_base.json").read_text())
@@ -881,63 +965,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     log(f"{REFERENCE_LM}: {ref['added']:,} added, {ref['trainable']:,} trainable -> LoRA ranks {lora_rank}")
 
-    runner = Runner(settings, base_dir, data_path, store, args.threads, args.jobs, args.quick, args.fresh, log)
-    seed0 = settings.seeds[0]
-
-    def spec(arm_name: str, seed: int, lr: float, scale: float = 1.0) -> RunSpec:
-        arm = ARM_BY_NAME[arm_name]
-        rank = lora_rank[arm.lora_match] if arm.kind == "lora" else 0
-        return RunSpec(arm_name, seed, lr, scale if arm.family else 1.0, rank)
-
-    selection: dict[str, dict] = {}
-
-    def sweep(arms_and_grids: dict[str, tuple[str, list[float], float]], make) -> dict[str, tuple[float, dict]]:
-        """Sweep every knob on its grid (all knobs' runs at once), extending a grid past an edge that wins (at most
-        ``MAX_EXTENSIONS`` times); returns the chosen value and the validation losses per knob."""
-        grids = {knob: list(grid) for knob, (_, grid, _) in arms_and_grids.items()}
-        for _ in range(MAX_EXTENSIONS + 1):
-            runner.run([make(arm, x) for knob, (arm, _, _) in arms_and_grids.items() for x in grids[knob]])
-            extended = False
-            for knob, (arm, _, factor) in arms_and_grids.items():
-                best, _ = choose([runner.results[make(arm, x).key] for x in grids[knob]], grids[knob])
-                extra = grid_extension(grids[knob], best, factor)
-                if extra is not None and len(grids[knob]) < len(arms_and_grids[knob][1]) + MAX_EXTENSIONS:
-                    grids[knob].append(extra)
-                    extended = True
-            if not extended:
-                break
-        return {
-            knob: choose([runner.results[make(arm, x).key] for x in grids[knob]], grids[knob])
-            for knob, (arm, _, _) in arms_and_grids.items()
-        }
-
-    log(f"stage 1: base learning rate on {LR_SWEEP_ARM}, grid {settings.lr_grid}")
-    knob = "base learning rate"
-    lr, vals = sweep({knob: (LR_SWEEP_ARM, list(settings.lr_grid), 2.0)}, lambda arm, x: spec(arm, seed0, x))[knob]
-    selection[knob] = {"arm": LR_SWEEP_ARM, "val_loss": vals, "chosen": lr}
-
-    log(f"stage 2: multipliers at lr {lr:g}, grid {settings.scale_grid}")
-    knobs = {}
-    for family, arm_name in SWEEP_ARM.items():
-        arm = ARM_BY_NAME[arm_name]
-        what = "lr multiplier" if arm.scale_is_lr else "LoRA alpha / r" if arm.kind == "lora" else "delta_scale"
-        knobs[f"{what}, {arm.label}"] = (family, arm_name)
-    grids = {
-        knob: (name, list(LR_SCALE_GRID), LR_SCALE_FACTOR)
-        if ARM_BY_NAME[name].scale_is_lr
-        else (name, list(settings.scale_grid), 4.0)
-        for knob, (_, name) in knobs.items()
-    }
-    chosen = sweep(grids, lambda arm, x: spec(arm, seed0, lr, x))
-    scale: dict[str, float] = {"": 1.0}
-    for knob, (family, arm_name) in knobs.items():
-        scale[family], vals = chosen[knob]
-        selection[knob] = {"arm": arm_name, "val_loss": vals, "chosen": scale[family]}
-    log(f"chosen: lr {lr:g}, multipliers {scale}")
-
-    log(f"stage 3: every arm x seeds {settings.seeds}")
-    final = {a.name: [spec(a.name, s, lr, scale[a.family]) for s in settings.seeds] for a in ARMS}
-    runner.run([s for specs in final.values() for s in specs])
+    with Runner(settings, base_dir, data_path, store, args.threads, args.jobs, args.fresh, log) as runner:
+        lr, scale, selection, final = tune_and_run(runner, settings, lora_rank, log)
     arms = {
         name: aggregate(ARM_BY_NAME[name], [runner.results[s.key] for s in specs]) for name, specs in final.items()
     }

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
 
@@ -32,3 +34,19 @@ def test_quality_benchmark_quick(tmp_path):
         "vanilla_all",
         "lm_r4_all",
     }
+
+
+@pytest.mark.parametrize("case", ["error in the run", "library changed"])
+def test_failed_run_raises_with_the_childs_error_and_stores_nothing(tmp_path, monkeypatch, case):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import quality
+
+    store = tmp_path / "store"
+    runner = quality.Runner(quality.QUICK, tmp_path, tmp_path / "data.pt", store, 1, 1, False, print)
+    spec = quality.RunSpec("no_such_arm" if case == "error in the run" else "dense", 0, 1e-3)
+    if case == "library changed":
+        runner.library = "stale-digest"
+    expected = "KeyError: 'no_such_arm'" if case == "error in the run" else "changed since the benchmark started"
+    with runner, pytest.raises(RuntimeError, match=expected):
+        runner.run([spec])
+    assert not list(store.glob("*.json"))
