@@ -64,7 +64,7 @@ transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)  # peft on 5.x
 transformers.utils.logging.disable_progress_bar()
 
-_FORMAT = 2  # bump when a change would make stored runs incomparable
+_FORMAT = 3  # bump when a change would make stored runs incomparable
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -74,6 +74,14 @@ def library_digest() -> str:
     for path in sorted(Path(ders_peft.__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def code_digest() -> str:
+    """:func:`library_digest` plus this script and its helpers: every run process re-reads them, so an edit made
+    while the benchmark runs must stop it rather than mix versions."""
+    here = Path(__file__).resolve().parent
+    scripts = b"".join((here / name).read_bytes() for name in ("quality.py", "_common.py"))
+    return hashlib.sha256(library_digest().encode() + scripts).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +103,7 @@ class Settings:
     max_eval_blocks: int | None = None  # None: the whole validation / test split
     split_seed: int = 0
     seeds: tuple[int, ...] = (0, 1)
-    lr_grid: tuple[float, ...] = (2e-3, 4e-3, 8e-3)
+    lr_grid: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
     scale_grid: tuple[float, ...] = (1.0, 4.0, 16.0)
     weight_decay: float = 0.0
 
@@ -339,8 +347,14 @@ def delta_usage(model: torch.nn.Module, dense_state: dict[str, torch.Tensor]) ->
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_one(spec: RunSpec, settings: Settings, base_dir: str, data_path: str, threads: int) -> dict:
-    """Build the arm on a freshly loaded base, train it, evaluate validation and test loss, measure cost."""
+def run_one(
+    spec: RunSpec, settings: Settings, base_dir: str, data_path: str, threads: int, state_path: str | None = None
+) -> dict:
+    """Build the arm on a freshly loaded base, train it, evaluate validation and test loss, measure cost.
+
+    With ``state_path`` the test loss is left out and the trained tensors are saved there instead (a sweep run:
+    :func:`evaluate_stored_run` evaluates its test loss later, only if the run is chosen).
+    """
     torch.set_num_threads(threads)
     arm = ARM_BY_NAME[spec.arm]
     data = torch.load(data_path)
@@ -369,7 +383,6 @@ def run_one(spec: RunSpec, settings: Settings, base_dir: str, data_path: str, th
         "spec": asdict(spec),
         "params": counts,
         "val_loss": lc.evaluate_loss(model, data["val"]),
-        "test_loss": lc.evaluate_loss(model, data["test"]),
         "train_loss_first": losses[0],
         "train_loss_last10": statistics.fmean(losses[-10:]),
         "train_seconds": wall,
@@ -384,17 +397,57 @@ def run_one(spec: RunSpec, settings: Settings, base_dir: str, data_path: str, th
     }
     if arm.kind == "ders":
         result["usage"] = delta_usage(model, dense_state)
-    result["test_ppl"] = math.exp(result["test_loss"])
+    if state_path is None:
+        result |= _test_metrics(model, data["test"])
+    else:
+        tmp = Path(f"{state_path}.tmp")
+        torch.save(trained_state(model), tmp)
+        tmp.replace(state_path)
     return result
 
 
-def run_job(job: dict) -> dict:
-    """One run in a child process; refused if the ``ders_peft`` sources changed since the benchmark started."""
-    if job["library"] != library_digest():
-        raise RuntimeError(f"ders_peft at {ders_peft.__file__} changed since the benchmark started; rerun it")
+def _test_metrics(model: torch.nn.Module, blocks: torch.Tensor) -> dict:
+    loss = lc.evaluate_loss(model, blocks)
+    return {"test_loss": loss, "test_ppl": math.exp(loss)}
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters and every buffer: with the arm's seed, enough to rebuild the trained model."""
+    state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return state | {name: b.detach().clone() for name, b in model.named_buffers()}
+
+
+def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    unknown = sorted(set(state) - set(tensors))
+    if unknown:
+        raise KeyError(f"stored tensors missing from the rebuilt model: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            tensors[name].copy_(value)
+
+
+def evaluate_stored_run(
+    spec: RunSpec, settings: Settings, base_dir: str, data_path: str, threads: int, state_path: str
+) -> dict:
+    """Test loss of a finished sweep run: rebuild its arm on a fresh base, load its trained tensors, evaluate."""
+    torch.set_num_threads(threads)
     start = time.perf_counter()
-    settings = settings_from_dict(job["settings"])
-    result = run_one(RunSpec(**job["spec"]), settings, job["base_dir"], job["data_path"], job["threads"])
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = build_model(base, ARM_BY_NAME[spec.arm], spec, settings)
+    load_trained_state(model, torch.load(state_path))
+    return _test_metrics(model, torch.load(data_path)["test"]) | {"test_eval_seconds": time.perf_counter() - start}
+
+
+def run_job(job: dict) -> dict:
+    """One run in a child process; refused if ``ders_peft`` or this script changed since the benchmark started."""
+    if job["code"] != code_digest():
+        raise RuntimeError(f"ders_peft ({ders_peft.__file__}) or {__file__} changed since the benchmark started")
+    args = (RunSpec(**job["spec"]), settings_from_dict(job["settings"]), job["base_dir"], job["data_path"])
+    if job["mode"] == "test":
+        return evaluate_stored_run(*args, job["threads"], job["state_path"])
+    start = time.perf_counter()
+    result = run_one(*args, job["threads"], job["state_path"])
     result["run_wall_seconds"] = time.perf_counter() - start
     return result
 
@@ -433,7 +486,7 @@ class Runner:
         self.settings, self.base_dir, self.data_path = settings, str(base_dir), str(data_path)
         self.store, self.threads, self.fresh, self.log = store, threads, fresh, log
         self.store.mkdir(parents=True, exist_ok=True)
-        self.library = library_digest()
+        self.code = code_digest()
         self.results: dict[str, dict] = {}
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
@@ -450,53 +503,79 @@ class Runner:
     def _path(self, spec: RunSpec) -> Path:
         return self.store / f"{spec.key}.json"
 
-    def _execute(self, spec: RunSpec) -> dict:
-        job = {
-            "spec": asdict(spec),
-            "settings": asdict(self.settings),
-            "base_dir": self.base_dir,
-            "data_path": self.data_path,
-            "threads": self.threads,
-            "library": self.library,
-        }
+    def _child(self, job: dict, name: str) -> dict:
         receive, send = self._context.Pipe(duplex=False)
-        proc = self._context.Process(target=_child_main, args=(job, send), name=spec.key)
+        proc = self._context.Process(target=_child_main, args=(job, send), name=name)
         proc.start()
         send.close()
         try:
             status, payload = receive.recv()
         except EOFError:
             proc.join()
-            raise RuntimeError(f"run {spec.key} died without a result (exit code {proc.exitcode})") from None
+            raise RuntimeError(f"run {name} died without a result (exit code {proc.exitcode})") from None
         proc.join()
         if status != "ok":
-            raise RuntimeError(f"run {spec.key} failed:\n{payload}")
-        _common.write_json(self._path(spec), payload)
-        self.results[spec.key] = payload
-        self.log(
-            f"  {spec.key}: val {payload['val_loss']:.4f} test {payload['test_loss']:.4f} "
-            f"({payload['train_seconds']:.0f} s train, {payload['train_cpu_seconds']:.0f} cpu-s, "
-            f"peak +{payload['peak_over_start_mb']:.0f} MB)"
-        )
+            raise RuntimeError(f"run {name} failed:\n{payload}")
         return payload
 
-    def _submit(self, spec: RunSpec) -> concurrent.futures.Future:
-        with self._lock:
-            if spec.key not in self._futures:
-                path = self._path(spec)
-                if path.is_file() and not self.fresh:
-                    future: concurrent.futures.Future = concurrent.futures.Future()
-                    self.results[spec.key] = json.loads(path.read_text())
-                    future.set_result(self.results[spec.key])
-                    self.log(f"  {spec.key}: stored (test loss {self.results[spec.key]['test_loss']:.4f})")
-                else:
-                    future = self._slots.submit(self._execute, spec)
-                self._futures[spec.key] = future
-            return self._futures[spec.key]
+    def _execute(self, spec: RunSpec, test: bool, earlier: concurrent.futures.Future | None) -> dict:
+        if earlier is not None:  # the same spec is already running in the other mode: reuse it
+            earlier.result()
+        previous = self.results.get(spec.key)
+        if previous is not None and (not test or "test_loss" in previous):
+            return previous
+        state_path = self.store / f"{spec.key}.pt"
+        job = {
+            "spec": asdict(spec),
+            "settings": asdict(self.settings),
+            "base_dir": self.base_dir,
+            "data_path": self.data_path,
+            "threads": self.threads,
+            "code": self.code,
+            "mode": "train",
+            "state_path": None if test else str(state_path),
+        }
+        if previous is not None and state_path.is_file():  # a sweep run chosen for the tables: its test loss
+            result = previous | self._child(job | {"mode": "test", "state_path": str(state_path)}, spec.key)
+            _common.write_json(self._path(spec), result)
+            state_path.unlink()
+            self.results[spec.key] = result
+            self.log(f"  {spec.key}: test {result['test_loss']:.4f} (stored sweep run)")
+            return result
+        result = self._child(job, spec.key)
+        _common.write_json(self._path(spec), result)
+        self.results[spec.key] = result
+        test_note = f" test {result['test_loss']:.4f}" if "test_loss" in result else ""
+        self.log(
+            f"  {spec.key}: val {result['val_loss']:.4f}{test_note} ({result['train_seconds']:.0f} s train, "
+            f"{result['train_cpu_seconds']:.0f} cpu-s, peak +{result['peak_over_start_mb']:.0f} MB)"
+        )
+        return result
 
-    def run(self, specs: list[RunSpec]) -> list[dict]:
-        """Results of ``specs`` (in order), running those not stored; blocks until all are done."""
-        return [future.result() for future in [self._submit(spec) for spec in specs]]
+    def _stored(self, spec: RunSpec) -> dict | None:
+        if spec.key not in self.results and self._path(spec).is_file() and not self.fresh:
+            self.results[spec.key] = json.loads(self._path(spec).read_text())
+            self.log(f"  {spec.key}: stored (val loss {self.results[spec.key]['val_loss']:.4f})")
+        return self.results.get(spec.key)
+
+    def _submit(self, spec: RunSpec, test: bool) -> concurrent.futures.Future:
+        with self._lock:
+            key = (spec.key, test)
+            if key not in self._futures:
+                stored = self._stored(spec)
+                if stored is not None and (not test or "test_loss" in stored):
+                    future: concurrent.futures.Future = concurrent.futures.Future()
+                    future.set_result(stored)
+                else:
+                    earlier = self._futures.get((spec.key, not test))
+                    future = self._slots.submit(self._execute, spec, test, earlier)
+                self._futures[key] = future
+            return self._futures[key]
+
+    def run(self, specs: list[RunSpec], test: bool = True) -> list[dict]:
+        """Results of ``specs`` (in order), running those not stored; blocks until all are done. ``test=False``
+        (sweeps) leaves the test loss out until a later ``run`` asks for it."""
+        return [future.result() for future in [self._submit(spec, test) for spec in specs]]
 
 
 def choose(results: list[dict], values: list[float]) -> tuple[float, dict[str, float]]:
@@ -864,7 +943,7 @@ def sweep(runner: Runner, make, arm: str, grid: tuple[float, ...], factor: float
     times); returns the chosen value and the validation loss of every value tried."""
     values = list(grid)
     while True:
-        best, by_value = choose(runner.run([make(arm, x) for x in values]), values)
+        best, by_value = choose(runner.run([make(arm, x) for x in values], test=False), values)
         extra = grid_extension(values, best, factor)
         if extra is None or len(values) >= len(grid) + MAX_EXTENSIONS:
             return best, by_value

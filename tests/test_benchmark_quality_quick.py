@@ -36,7 +36,7 @@ def test_quality_benchmark_quick(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["error in the run", "library changed"])
+@pytest.mark.parametrize("case", ["error in the run", "code changed"])
 def test_failed_run_raises_with_the_childs_error_and_stores_nothing(tmp_path, monkeypatch, case):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import quality
@@ -44,9 +44,51 @@ def test_failed_run_raises_with_the_childs_error_and_stores_nothing(tmp_path, mo
     store = tmp_path / "store"
     runner = quality.Runner(quality.QUICK, tmp_path, tmp_path / "data.pt", store, 1, 1, False, print)
     spec = quality.RunSpec("no_such_arm" if case == "error in the run" else "dense", 0, 1e-3)
-    if case == "library changed":
-        runner.library = "stale-digest"
+    if case == "code changed":
+        runner.code = "stale-digest"
     expected = "KeyError: 'no_such_arm'" if case == "error in the run" else "changed since the benchmark started"
     with runner, pytest.raises(RuntimeError, match=expected):
         runner.run([spec])
     assert not list(store.glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def quick_base(tmp_path_factory):
+    """The quick settings' base model and data, built once for this module's in-process runs."""
+    import torch
+
+    from ders_peft import local_corpus as lc
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import quality
+
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("quality")
+    base, tokenizer = lc.pretrained_base(root / "cache", **quality.QUICK.base)
+    data_path = root / "data.pt"
+    quality.prepare_data(tokenizer, quality.QUICK, data_path)
+    yield quality, base.name_or_path, data_path
+    torch.set_num_threads(threads)  # run_one sets the run's thread count on this process
+
+
+@pytest.mark.parametrize("arm", ["dense", "lora_added", "sm_0.9", "lm_r4_all"])
+def test_deferred_test_loss_equals_the_in_run_one(quick_base, tmp_path, arm):
+    """A sweep run saves its trained tensors instead of evaluating the test split; the test loss evaluated later
+    from them equals the one the run itself would have measured, and is the trained model's, not the base's."""
+    import torch
+    import transformers
+
+    from ders_peft import local_corpus as lc
+
+    quality, base_dir, data_path = quick_base
+    spec = quality.RunSpec(arm, 0, 1e-2, 4.0, 16 if arm.startswith("lora") else 0)
+    args = (spec, quality.QUICK, base_dir, str(data_path), 1)
+    direct = quality.run_one(*args)
+    state = tmp_path / "state.pt"
+    swept = quality.run_one(*args, state_path=str(state))
+    assert "test_loss" not in swept and state.is_file()
+    assert swept["val_loss"] == pytest.approx(direct["val_loss"], abs=1e-6)
+    later = quality.evaluate_stored_run(*args, str(state))
+    assert later["test_loss"] == pytest.approx(direct["test_loss"], abs=1e-6)
+    untrained = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    assert abs(lc.evaluate_loss(untrained, torch.load(data_path)["test"]) - later["test_loss"]) > 1e-3
