@@ -20,6 +20,9 @@ extended DeRS (universal FFN). Hyper-parameters are chosen on the validation spl
    so that no arm wins merely by a larger effective step on the MLP. A grid whose edge wins is extended past it;
 3. every arm with every seed at the chosen settings (the seed-0 runs of stages 1-2 are reused, not rerun).
 
+Sweep runs do not evaluate the test split: they save their trained tensors beside their result, and the test loss is
+computed from those (in a fresh process, on the rebuilt arm) only for the runs the tables report.
+
 Stages 2-3 run as one thread per multiplier family (its sweep, then its arms' runs), sharing ``--jobs`` run slots,
 so no slot waits for another family's sweep. Each run executes in its own process (``--threads`` torch threads),
 forked from a server that has already imported torch / transformers / peft / ders_peft (saving ~10 s of imports per
@@ -883,7 +886,7 @@ def plot(result: dict, path: Path) -> None:
         "whole model trains": whole,
     }
     markers = "osD^v<>phX*P"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.6))
     for ax, (title, names) in zip(axes, panels.items()):
         spans = []
         for i, name in enumerate(names):
@@ -907,7 +910,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("held-out test loss (nats/token)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)  # off the data
     s = result["settings"]
     fig.suptitle(
         f"Continued training on held-apart stdlib code ({s['steps']} steps x {s['batch_size']} x {s['seq_len']} "
