@@ -51,7 +51,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -1006,6 +1006,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=2, help="runs executed at once (one process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--fresh", action="store_true", help="ignore stored runs and rerun everything")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per run (default: 100; --quick: 3); same for every arm"
+    )
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the existing --out JSON")
     args = parser.parse_args(argv)
     if args.out is None:
@@ -1017,6 +1020,10 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     settings = QUICK if args.quick else Settings()
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error(f"--steps must be a positive integer, got {args.steps}")
+        settings = replace(settings, steps=args.steps)
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -1056,7 +1063,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = real_size_ratios(settings, base.config)
     result = {
         "command": "python benchmarks/quality.py" + (" --quick" if args.quick else "") + f" --jobs {args.jobs} "
-        f"--threads {args.threads}",
+        f"--threads {args.threads}" + (f" --steps {args.steps}" if args.steps is not None else ""),
         "machine": _common.machine_note(),
         "ders_peft_source_digest": library,
         "wall_seconds_total": None,

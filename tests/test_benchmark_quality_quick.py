@@ -14,11 +14,22 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 def test_quality_benchmark_quick(tmp_path):
     out = tmp_path / "quality.json"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.is_file() and out.with_suffix(".png").is_file()
     result = json.loads(out.read_text())
+    assert result["settings"]["steps"] == 2 and result["command"].endswith("--steps 2")
     assert set(result["arms"]) == {
         "dense",
         "dense_mlp",
@@ -92,3 +103,10 @@ def test_deferred_test_loss_equals_the_in_run_one(quick_base, tmp_path, arm):
     assert later["test_loss"] == pytest.approx(direct["test_loss"], abs=1e-6)
     untrained = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     assert abs(lc.evaluate_loss(untrained, torch.load(data_path)["test"]) - later["test_loss"]) > 1e-3
+
+
+def test_steps_must_be_positive(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--steps", "0", "--out", str(tmp_path / "q.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "--steps must be a positive integer, got 0" in proc.stderr
+    assert not (tmp_path / "q.json").exists()
