@@ -493,6 +493,7 @@ class Runner:
         self.results: dict[str, dict] = {}
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
+        self._failed: str | None = None  # the first failed run: later runs are not started
         self._slots = concurrent.futures.ThreadPoolExecutor(max(1, jobs), thread_name_prefix="run")
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(PRELOAD)
@@ -522,6 +523,15 @@ class Runner:
         return payload
 
     def _execute(self, spec: RunSpec, test: bool, earlier: concurrent.futures.Future | None) -> dict:
+        if self._failed is not None:
+            raise RuntimeError(f"not started: run {self._failed} failed")
+        try:
+            return self._execute_unchecked(spec, test, earlier)
+        except BaseException:
+            self._failed = self._failed or spec.key
+            raise
+
+    def _execute_unchecked(self, spec: RunSpec, test: bool, earlier: concurrent.futures.Future | None) -> dict:
         if earlier is not None:  # the same spec is already running in the other mode: reuse it
             earlier.result()
         previous = self.results.get(spec.key)

@@ -58,8 +58,11 @@ def test_failed_run_raises_with_the_childs_error_and_stores_nothing(tmp_path, mo
     if case == "code changed":
         runner.code = "stale-digest"
     expected = "KeyError: 'no_such_arm'" if case == "error in the run" else "changed since the benchmark started"
-    with runner, pytest.raises(RuntimeError, match=expected):
-        runner.run([spec])
+    with runner:
+        with pytest.raises(RuntimeError, match=expected):
+            runner.run([spec])
+        with pytest.raises(RuntimeError, match=f"not started: run {spec.key} failed"):  # fail fast, start nothing
+            runner.run([quality.RunSpec("dense", 1, 1e-3)])
     assert not list(store.glob("*.json"))
 
 
