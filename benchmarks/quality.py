@@ -495,8 +495,11 @@ class Runner:
         self._lock = threading.Lock()
         self._failed: str | None = None  # the first failed run: later runs are not started
         self._slots = concurrent.futures.ThreadPoolExecutor(max(1, jobs), thread_name_prefix="run")
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(PRELOAD)
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            self._context = multiprocessing.get_context("forkserver")
+            self._context.set_forkserver_preload(PRELOAD)
+        else:  # e.g. Windows: a fresh interpreter per run (slower start, same results)
+            self._context = multiprocessing.get_context("spawn")
 
     def __enter__(self) -> Runner:
         return self
