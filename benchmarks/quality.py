@@ -491,7 +491,7 @@ class Runner:
         self.store.mkdir(parents=True, exist_ok=True)
         self.code = code_digest()
         self.results: dict[str, dict] = {}
-        self._futures: dict[str, concurrent.futures.Future] = {}
+        self._futures: dict[tuple[str, bool], concurrent.futures.Future] = {}  # by (spec key, with test loss)
         self._lock = threading.Lock()
         self._failed: str | None = None  # the first failed run: later runs are not started
         self._slots = concurrent.futures.ThreadPoolExecutor(max(1, jobs), thread_name_prefix="run")
