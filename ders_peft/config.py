@@ -11,7 +11,9 @@ from peft.utils import TaskType
 
 from .registration import PEFT_TYPE_DERS
 
-DELTA_TYPES = ("lowrank", "sparse", "full")
+DELTA_TYPES = ("lowrank", "sparse", "full", "quantized")
+UNIVERSAL_DELTA_TYPES = (None, "full")
+QUANT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def _bad(field_name: str, value: object, allowed: str) -> ValueError:
@@ -56,13 +58,21 @@ class DeRSConfig(PeftConfig):
         num_experts: number of routed experts N (>= 1).
         top_k: experts chosen per token (1 <= top_k <= num_experts).
         delta_type: ``"lowrank"`` (Delta_i = B_i A_i, DeRS-LM), ``"sparse"`` (fixed random indices with trainable
-            values, DeRS-SM) or ``"full"`` (N full expert copies: vanilla upcycling, the baseline).
+            values, DeRS-SM), ``"full"`` (N full expert copies: vanilla upcycling, the baseline) or ``"quantized"``
+            (k-bit codes packed in bytes with per-row or per-group scales; made by ``ders_peft.compress``).
         rank: rank r of each low-rank delta (``delta_type="lowrank"``).
         sparse_rate: fraction of entries NOT kept in each sparse delta, as in the paper (0.9999 keeps 0.01%).
+        bits: bits per entry of quantized deltas (1-8; 1 is sign times a scale).
+        group_size: entries of a row sharing one scale in quantized deltas; ``None`` for one scale per output row.
         seed: seed of the router initialisation, the low-rank A matrices and the sparse indices.
         shared_expert: extended DeRS: an always-on universal FFN (the shared base plus its own delta) next to the
             routed experts; its output and the routed mixture are averaged (see ``ders_peft.routing.route``), so the
             freshly upcycled model still computes the dense model.
+        shared_expert_gate: give the universal FFN a learned sigmoid gate ``sigmoid(x g)`` (Qwen2-MoE's
+            ``shared_expert_gate``) instead of the fixed average: the routed weights are then used unhalved. Made by
+            ``ders_peft.compress`` from a Qwen2-MoE; its gate starts at zero (weight 0.5).
+        universal_delta_type: ``None`` (the universal FFN's delta is of ``delta_type`` like the experts') or
+            ``"full"`` (its delta is kept as a dense matrix: ``compress(..., compress_shared=False)``).
         train_base: train the shared base FFN copy (the paper's default). If False the base stays the frozen dense FFN.
         normalize_top_k: renormalise the kept top-k router weights to sum to one (Mixtral, DeepSpeed top-2). If False
             the raw softmax probabilities are used (the paper's TopK(softmax)).
@@ -89,8 +99,14 @@ class DeRSConfig(PeftConfig):
     delta_type: Literal["lowrank", "sparse", "full"] = field(default="lowrank", metadata={"help": "Delta kind."})
     rank: int = field(default=4, metadata={"help": "Rank of low-rank deltas."})
     sparse_rate: float = field(default=0.9999, metadata={"help": "Fraction of delta entries not kept."})
+    bits: int = field(default=4, metadata={"help": "Bits per entry of quantized deltas."})
+    group_size: int | None = field(default=None, metadata={"help": "Entries per scale (None: one per row)."})
     seed: int = field(default=0, metadata={"help": "Seed for router init, low-rank A and sparse indices."})
     shared_expert: bool = field(default=False, metadata={"help": "Add an always-on universal FFN."})
+    shared_expert_gate: bool = field(default=False, metadata={"help": "Sigmoid gate on the universal FFN."})
+    universal_delta_type: Literal["full"] | None = field(
+        default=None, metadata={"help": "Delta kind of the universal FFN (None: as delta_type)."}
+    )
     train_base: bool = field(default=True, metadata={"help": "Train the shared base FFN copy."})
     normalize_top_k: bool = field(default=True, metadata={"help": "Renormalise the kept router weights."})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Load-balancing loss weight."})
@@ -125,8 +141,12 @@ class DeRSConfig(PeftConfig):
             raise _bad("rank", self.rank, "must be an integer >= 1 (and at most the smaller side of each matrix)")
         if not _is_real(self.sparse_rate) or not 0.0 <= self.sparse_rate < 1.0:
             raise _bad("sparse_rate", self.sparse_rate, "must be a float in [0, 1) (the fraction of entries NOT kept)")
+        if not _is_int(self.bits) or self.bits not in QUANT_BITS:
+            raise _bad("bits", self.bits, f"allowed values are {QUANT_BITS}")
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+            raise _bad("group_size", self.group_size, "must be None (one scale per output row) or an integer >= 1")
         _check_int("seed", self.seed, 0)
-        for name in ("shared_expert", "train_base", "normalize_top_k"):
+        for name in ("shared_expert", "shared_expert_gate", "train_base", "normalize_top_k"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "must be True or False")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
@@ -137,6 +157,13 @@ class DeRSConfig(PeftConfig):
             value = getattr(self, name)
             if not _is_real(value) or not 0 < value < math.inf:
                 raise _bad(name, value, "must be a finite number > 0")
+        if self.universal_delta_type not in UNIVERSAL_DELTA_TYPES:
+            raise _bad("universal_delta_type", self.universal_delta_type, f"allowed values are {UNIVERSAL_DELTA_TYPES}")
+        for name in ("shared_expert_gate", "universal_delta_type"):
+            if getattr(self, name) not in (False, None) and not self.shared_expert:
+                raise _bad(name, getattr(self, name), "needs shared_expert=True (it configures the universal FFN)")
+        if self.universal_delta_type == "full" and self.delta_type == "full":
+            raise _bad("universal_delta_type", "full", "is already implied by delta_type='full'; leave it None")
         self._validate_layer_selection()
         if self.modules_to_save is not None and (
             isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save)

@@ -143,6 +143,15 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
             return cls(
                 num, out_f, in_f, sparse_rate=config.sparse_rate, scale=config.delta_scale, generator=gen, **factory
             )
+        if config.delta_type == "quantized":
+            if config.group_size is not None and config.group_size > in_f:
+                raise ValueError(
+                    f"DeRSConfig.group_size={config.group_size} is invalid: it must be at most {in_f}, the row length "
+                    f"of the {out_f}x{in_f} matrix {name!r} (or None for one scale per row)."
+                )
+            return cls(
+                num, out_f, in_f, bits=config.bits, group_size=config.group_size, scale=config.delta_scale, **factory
+            )
         return cls(num, out_f, in_f, init_weight=weight, **factory)
 
     # ------------------------------------------------------------------ helpers
