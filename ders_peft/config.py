@@ -158,7 +158,8 @@ class DeRSConfig(PeftConfig):
             if not _is_real(value) or not 0 < value < math.inf:
                 raise _bad(name, value, "must be a finite number > 0")
         if self.universal_delta_type not in UNIVERSAL_DELTA_TYPES:
-            raise _bad("universal_delta_type", self.universal_delta_type, f"allowed values are {UNIVERSAL_DELTA_TYPES}")
+            allowed = f"allowed values are {UNIVERSAL_DELTA_TYPES}"
+            raise _bad("universal_delta_type", self.universal_delta_type, allowed)
         for name in ("shared_expert_gate", "universal_delta_type"):
             if getattr(self, name) not in (False, None) and not self.shared_expert:
                 raise _bad(name, getattr(self, name), "needs shared_expert=True (it configures the universal FFN)")

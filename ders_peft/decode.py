@@ -67,6 +67,8 @@ def layer_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
     if torch.is_grad_enabled() or x.shape[0] > MAX_DECODE_TOKENS or torch.is_autocast_enabled(x.device.type):
         return None  # autocast would change the dtypes of single operations: leave it to the general path
     config = layer.ders_settings[adapter]
+    if config.shared_expert_gate:
+        return None  # the universal FFN's sigmoid gate: the general path
     merged = layer._merged_experts.get(adapter)
     deltas = merged if merged is not None else layer.ders_delta[adapter]
     lay = layer.layout

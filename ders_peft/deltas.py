@@ -233,6 +233,49 @@ class FullDelta(Delta):
         return (self.num_experts - 1) * self.out_features * self.in_features
 
 
+class UniversalFullDelta(Delta):
+    """Deltas of N routed experts of any kind plus the universal FFN's delta kept whole, as a dense ``(out, in)``
+    matrix (extended DeRS compression with ``compress_shared=False``).
+
+    The universal expert is the plan's last slot (index N, every token): it is one dense product for all tokens;
+    the routed slots go to ``routed`` with the plan restricted to them.
+    """
+
+    kind = "universal_full"
+
+    def __init__(self, routed: Delta, **fk) -> None:
+        super().__init__(routed.num_experts + 1, routed.out_features, routed.in_features, 1.0)
+        self.routed = routed
+        self.universal = _Factor(torch.zeros(routed.out_features, routed.in_features, **fk))
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.universal.weight.dtype
+
+    def forward(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool = False) -> torch.Tensor:
+        routed_plan = RoutingPlan(plan.expert_idx[:, :-1], plan.weights[:, :-1], self.routed.num_experts)
+        routed = self.routed(x if x.dim() == 2 else x[:, :-1], routed_plan, weighted)
+        xu = x if x.dim() == 2 else x[:, -1]
+        u = (xu.to(self.param_dtype) @ self.universal.weight.t()).to(routed.dtype)
+        if weighted:
+            return routed + plan.weights[:, -1:].to(u.dtype) * u
+        return torch.cat([routed, u.unsqueeze(1)], dim=1)
+
+    def materialize(self) -> torch.Tensor:
+        routed = self.routed.materialize()
+        return torch.cat([routed, self.universal.weight.unsqueeze(0).to(routed.dtype)])
+
+    def num_added_params(self) -> int:
+        return self.routed.num_added_params() + self.universal.weight.numel()
+
+    def num_index_elements(self) -> int:
+        return self.routed.num_index_elements()
+
+    @property
+    def indices(self) -> torch.Tensor | None:
+        return getattr(self.routed, "indices", None)
+
+
 class _Factor(nn.Module):
     """Leaf module holding one trainable factor as ``.weight`` (FSDP-friendly)."""
 

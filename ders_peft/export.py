@@ -179,6 +179,11 @@ def _check_routing(arch: str, cfg: DeRSConfig, dense_blocks: list[int]) -> None:
             f"blocks {dense_blocks} are not upcycled, but every {name} block is MoE (upcycle all blocks"
             + (", or use architecture='qwen2_moe', which keeps dense blocks)" if arch == "mixtral" else ")")
         )
+    if cfg.shared_expert_gate and spec.shared != "gated":
+        raise _refuse(
+            f"shared_expert_gate=True: {name} has no gate on a shared expert (use architecture='qwen2_moe', whose "
+            "shared_expert_gate it is)"
+        )
     if cfg.shared_expert and spec.shared == "none":
         alt = {"mixtral": "qwen2_moe", "granitemoe": "granitemoeshared"}.get(arch)
         raise _refuse(
@@ -298,6 +303,7 @@ def _default_target(allowed: tuple[str, ...], cfg: DeRSConfig, dense: bool) -> s
         if (
             (spec.dense_blocks or not dense)
             and (spec.shared != "none" or not cfg.shared_expert)
+            and (spec.shared == "gated" or not cfg.shared_expert_gate)
             and (spec.renormalises == "option" or cfg.normalize_top_k)
         ):
             return arch
@@ -375,15 +381,19 @@ def expert_tensors(layer: DeRSLayer, adapter: str, shared: str) -> dict[str, tor
     with torch.no_grad():
         weights = {name: w.float() for name, w in layer.expert_weights(adapter).items()}
         gate, up, down = weights["gate_proj"], weights["up_proj"], weights["down_proj"]
-        out = {"router": layer.ders_router[adapter].weight.detach().float().clone()}
+        router = layer.ders_router[adapter].weight.detach().float().clone()
+        out = {"router": router[:n]}
+        if cfg.shared_expert_gate:  # the learned sigmoid gate of the universal FFN: Qwen2-MoE's shared_expert_gate
+            out["shared_gate"] = router[n:]
         out["gate_up_proj"] = torch.cat([gate[:n], up[:n]], dim=1)
         routed_down = down[:n]
         if cfg.shared_expert:
             if shared == "none":
                 raise _refuse("the target has no shared expert for the universal FFN")
-            routed_down = routed_down * SHARED_EXPERT_MIX
+            mix = 1.0 if cfg.shared_expert_gate else SHARED_EXPERT_MIX
+            routed_down = routed_down * mix
             out["shared_gate_up_proj"] = torch.cat([gate[n], up[n]], dim=0)
-            out["shared_down_proj"] = down[n] * (SHARED_EXPERT_MIX if shared == "ungated" else 1.0)
+            out["shared_down_proj"] = down[n] * (mix if shared == "ungated" else 1.0)
         out["down_proj"] = routed_down.contiguous()
     return out
 
@@ -401,7 +411,7 @@ def _moe_block_state(plan: ExportPlan, idx: int) -> dict[str, torch.Tensor]:
     if (
         spec.shared == "gated"
     ):  # Qwen2-MoE: the shared expert always exists; without a universal FFN it is one zero unit
-        out[f"{prefix}shared_expert_gate.weight"] = torch.zeros(1, hidden)  # sigmoid(0) = 0.5
+        out[f"{prefix}shared_expert_gate.weight"] = t.get("shared_gate", torch.zeros(1, hidden))  # sigmoid(0) = 0.5
         if plan.settings.shared_expert:
             inter = t["shared_down_proj"].shape[1]
             gate_w, up_w = t["shared_gate_up_proj"].split(inter)
@@ -522,7 +532,9 @@ def model_card(plan: ExportPlan, base_model: str | None, max_abs_logit_diff: flo
     notes = []
     if TARGETS[plan.architecture].dense_blocks:
         notes.append("Blocks that were not upcycled are dense `mlp_only_layers`.")
-    if plan.architecture == "qwen2_moe":
+    if plan.architecture == "qwen2_moe" and cfg.shared_expert_gate:
+        notes.append("The universal FFN is the shared expert behind its learned `shared_expert_gate`.")
+    elif plan.architecture == "qwen2_moe":
         notes.append(
             "The universal FFN is the shared expert behind a zero `shared_expert_gate` (sigmoid(0) = 0.5); the routed "
             "experts' down projections carry the other 0.5."

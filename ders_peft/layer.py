@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from . import decode, ffn
 from .config import DeRSConfig
-from .deltas import DELTA_CLASSES, Delta, FullDelta
+from .deltas import DELTA_CLASSES, Delta, FullDelta, UniversalFullDelta
 from .functional import routed_ffn
 from .routing import Router, inject_aux_loss, load_balancing_loss, route, z_loss
 
@@ -111,7 +112,12 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         gen = torch.Generator().manual_seed(_layer_seed(config.seed, self.key))
         num_deltas = config.num_deltas
 
-        self.ders_router[adapter_name] = Router(hidden, config.num_experts, config.router_init_std, gen, **factory)
+        gate_rows = int(config.shared_expert_gate)  # the universal FFN's sigmoid gate: one more row, zero at start
+        router = Router(hidden, config.num_experts + gate_rows, config.router_init_std, gen, **factory)
+        if gate_rows and router.weight.device.type != "meta":
+            with torch.no_grad():
+                router.weight[config.num_experts :].zero_()
+        self.ders_router[adapter_name] = router
         if config.train_base and config.delta_type != "full":
             self.ders_base[adapter_name] = BaseFFN(block, self.layout)
 
@@ -130,6 +136,12 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
 
     @staticmethod
     def _make_delta(config, name, out_f, in_f, weight, gen, factory) -> Delta:
+        if config.universal_delta_type == "full":  # routed deltas of delta_type, the universal FFN's kept dense
+            routed_cfg = dataclasses.replace(
+                config, shared_expert=False, shared_expert_gate=False, universal_delta_type=None
+            )
+            routed = DeRSLayer._make_delta(routed_cfg, name, out_f, in_f, weight, gen, factory)
+            return UniversalFullDelta(routed, **factory)
         cls = DELTA_CLASSES[config.delta_type]
         num = config.num_deltas
         if config.delta_type == "lowrank":
@@ -202,7 +214,10 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
             y = y.view(*shape[:-1], y.shape[-1])
             return getattr(self.base_layer, self.layout.dropout_attr)(y) if self.layout.dropout_attr else y
         logits = self.ders_router[adapter](xf)
-        plan, probs = route(logits, config.top_k, config.normalize_top_k, config.shared_expert)
+        gate_logit = None
+        if config.shared_expert_gate:
+            logits, gate_logit = logits[:, : config.num_experts], logits[:, config.num_experts :]
+        plan, probs = route(logits, config.top_k, config.normalize_top_k, config.shared_expert, gate_logit)
 
         if adapter in self._merged_experts:
             deltas = self._merged_experts[adapter]

@@ -84,7 +84,11 @@ SHARED_EXPERT_MIX = 0.5
 
 
 def route(
-    logits: torch.Tensor, top_k: int, normalize: bool, shared_expert: bool = False
+    logits: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+    shared_expert: bool = False,
+    shared_gate_logit: torch.Tensor | None = None,
 ) -> tuple[RoutingPlan, torch.Tensor]:
     """Softmax over the experts, keep the ``top_k`` largest, optionally renormalise them to sum to one.
 
@@ -92,6 +96,8 @@ def route(
     ``shared_expert`` an extra slot routes every token to the universal expert (index N); the routed mixture and the
     universal expert are then averaged (weights halved, universal weight 0.5), so an upcycled model whose experts all
     equal the dense FFN computes exactly the dense FFN. (A Qwen2-MoE shared-expert gate of zero is sigmoid(0) = 0.5.)
+    With ``shared_gate_logit`` ``(T, 1)`` (Qwen2-MoE's ``shared_expert_gate``) the universal expert's weight is
+    ``sigmoid(shared_gate_logit)`` and the routed weights are used as they are.
     """
     probs = torch.softmax(logits.float(), dim=-1)
     weights, idx = torch.topk(probs, top_k, dim=-1)
@@ -101,7 +107,10 @@ def route(
     if shared_expert:
         always = torch.full_like(idx[:, :1], num_experts)
         idx = torch.cat([idx, always], dim=1)
-        weights = torch.cat([weights, torch.ones_like(weights[:, :1])], dim=1) * SHARED_EXPERT_MIX
+        if shared_gate_logit is None:
+            weights = torch.cat([weights, torch.ones_like(weights[:, :1])], dim=1) * SHARED_EXPERT_MIX
+        else:
+            weights = torch.cat([weights, torch.sigmoid(shared_gate_logit.float())], dim=1)
         num_experts += 1
     return RoutingPlan(idx, weights, num_experts), probs
 
