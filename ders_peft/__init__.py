@@ -1,10 +1,11 @@
-"""ders_peft: DeRS Mixture-of-Experts upcycling (and, next, compression) as a peft method.
+"""ders_peft: DeRS Mixture-of-Experts upcycling and compression as a peft method.
 
 ``import ders_peft`` registers ``PeftType.DERS`` with peft, so ``get_peft_model(model, DeRSConfig(...))``,
 ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work, and adds a Trainer callback that logs the router
 losses and scales them under gradient accumulation.
 """
 
+from .compression import CompressionConfig, CompressionReport, compress, compression_report
 from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, SparseDelta
 from .export import convert_to_moe, export_moe
@@ -20,6 +21,8 @@ install_default_callback()
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionConfig",
+    "CompressionReport",
     "DELTA_CLASSES",
     "PEFT_TYPE_DERS",
     "DeRSConfig",
@@ -31,6 +34,8 @@ __all__ = [
     "LowRankDelta",
     "ParameterReport",
     "SparseDelta",
+    "compress",
+    "compression_report",
     "convert_to_moe",
     "export_moe",
     "parameter_report",

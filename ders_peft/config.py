@@ -86,6 +86,8 @@ class DeRSConfig(PeftConfig):
         layers_pattern: name of the ModuleList holding the blocks (``"layers"``, GPT-2's ``"h"``), used with
             ``layers_to_transform``; ``None`` lets peft find the first numbered level of the module name.
         modules_to_save: other modules to train fully and save with the adapter.
+        compression: set by ``ders_peft.compress``: the method, its settings and the source MoE (informational; the
+            tensors' shapes follow from the other fields).
         task_type: peft task type (``"CAUSAL_LM"``, ...) or ``None``.
 
     Every invalid value or combination raises ``ValueError`` naming the field and what is allowed; settings that
@@ -116,6 +118,9 @@ class DeRSConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Blocks to upcycle."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the block list."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained fully and saved."})
+    compression: dict | None = field(
+        default=None, metadata={"help": "How ders_peft.compress made this adapter (informational)."}
+    )
 
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in list(TaskType):
