@@ -146,6 +146,7 @@ def _dense_copy(root: nn.Module) -> nn.Module:
     from ..model import _AttentionMaskCapture
 
     dense = copy.deepcopy(root)
+    dense.__dict__.pop("peft_config", None)  # set on the wrapped model by peft's tuner
     for name, module in list(dense.named_modules()):
         if isinstance(module, DeRSLayer | ModulesToSaveWrapper):
             replacement = module.base_layer if isinstance(module, DeRSLayer) else module.original_module
