@@ -1,8 +1,10 @@
 """Delta representations: one small class per kind behind the :class:`Delta` interface.
 
 A delta holds, for one weight matrix of shape ``(out, in)``, the E per-expert changes ``Delta_e`` and applies them to
-routed tokens without building ``W_base + Delta_e``. New kinds (quantized, SVD, ...) subclass :class:`Delta` and add
-themselves to :data:`DELTA_CLASSES`.
+routed tokens without building ``W_base + Delta_e``. Kinds: low-rank (DeRS-LM), sparse (DeRS-SM), full expert copies
+(vanilla upcycling) and k-bit quantized (DeRS compression, :mod:`ders_peft.packing`). New kinds (SVD, ...) subclass
+:class:`Delta` and add themselves to :data:`DELTA_CLASSES` (and, for the training path, an op to
+``ders_peft.grouped_path.EXPERT_OPS``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import packing
 from .routing import RoutingPlan
 
 
@@ -46,7 +49,8 @@ class Delta(nn.Module):
 
     ``forward(x, plan, weighted)`` returns ``(T, S, out)`` per-slot outputs ``x Delta_e^T`` (``x`` of shape ``(T, in)``
     shared by a token's slots, or ``(T, S, in)``), or with ``weighted=True`` the router-weighted sum over slots
-    ``(T, out)``. Kinds with ``replaces_base`` hold whole expert weights (vanilla upcycling) instead of changes.
+    ``(T, out)``. Kinds with ``replaces_base`` hold whole expert weights (vanilla upcycling) instead of changes. A new
+    kind implements ``_apply_slots`` and ``materialize`` (and the parameter counts where the paper counts otherwise).
     """
 
     kind: ClassVar[str] = ""
@@ -90,6 +94,10 @@ class Delta(nn.Module):
 
     def num_index_elements(self) -> int:
         """Stored integer index entries (not counted as parameters)."""
+        return 0
+
+    def num_scale_params(self) -> int:
+        """Quantization scales (not counted in :meth:`num_added_params`)."""
         return 0
 
 
@@ -276,6 +284,75 @@ class UniversalFullDelta(Delta):
         return getattr(self.routed, "indices", None)
 
 
+class QuantizedDelta(Delta):
+    """``Delta_e = scale * q_e``: k-bit levels per entry packed into bytes (``codes`` ``(E, out, ceil(in * bits / 8))``
+    uint8 buffer, saved with the adapter) times trainable float32 ``scales`` ``(E, out, groups)``, one per output row
+    or per ``group_size`` entries of a row (:mod:`ders_peft.packing`). Zero at creation (scales zero); filled from
+    dense deltas by :meth:`load_dense_`. Products dequantize one expert's ``(out, in)`` matrix at a time."""
+
+    kind = "quantized"
+
+    def __init__(
+        self, num_experts, out_features, in_features, bits: int, group_size: int | None, scale: float = 1.0, **fk
+    ):
+        super().__init__(num_experts, out_features, in_features, scale)
+        packing.qmax(bits)  # validates bits
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size={group_size!r} is invalid: must be None or an integer >= 1")
+        self.bits, self.group_size = bits, group_size
+        device = fk.get("device")
+        shape = (num_experts, out_features)
+        codes = torch.zeros(*shape, packing.packed_bytes(in_features, bits), dtype=torch.uint8, device=device)
+        self.register_buffer("codes", codes)
+        groups = packing.num_groups(in_features, group_size)
+        self.scales = nn.Parameter(torch.zeros(*shape, groups, dtype=torch.float32, device=device))
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @torch.no_grad()
+    def load_dense_(self, delta: torch.Tensor) -> QuantizedDelta:
+        """Quantize ``delta`` ``(E, out, in)`` into the codes and scales in place, one expert at a time; returns
+        ``self``. ``delta`` is unscaled, as the other kinds store their values: :meth:`materialize` gives it (up to
+        quantization) times ``scale``."""
+        want = (self.num_experts, self.out_features, self.in_features)
+        if tuple(delta.shape) != want:
+            raise ValueError(f"load_dense_ needs a delta of shape {want}, got {tuple(delta.shape)}")
+        for e in range(self.num_experts):
+            w = delta[e].to(self.codes.device, torch.float32)
+            codes, scales = packing.quantize(w, self.bits, self.group_size)
+            self.codes[e].copy_(packing.pack(codes, self.bits))
+            self.scales[e].copy_(scales)
+        return self
+
+    def _dequantized(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        unpacked = packing.unpack(codes, self.bits, self.in_features)
+        return packing.dequantize(unpacked, scales, self.bits, self.group_size, self.in_features)
+
+    def expert_delta(self, e: int) -> torch.Tensor:
+        """Expert e's (scaled) delta ``(out, in)``, differentiable with respect to ``scales``."""
+        dense = self._dequantized(self.codes[e], self.scales[e])
+        return dense * self.scale if self.scale != 1.0 else dense
+
+    def _apply_slots(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
+        def one(e: int, rows: torch.Tensor) -> torch.Tensor:
+            return rows @ self._dequantized(self.codes[e], self.scales[e]).to(rows.dtype).t()
+
+        out = grouped_apply(x, plan, one, self.out_features)
+        return _weighted_sum(out, plan) if weighted else out
+
+    def materialize(self) -> torch.Tensor:
+        return self._dequantized(self.codes, self.scales) * self.scale
+
+    def num_added_params(self) -> int:
+        # the paper's 16-bit equivalents of the codes
+        return round(self.num_experts * self.out_features * self.in_features * self.bits / 16)
+
+    def num_scale_params(self) -> int:
+        return self.scales.numel()
+
+
 class _Factor(nn.Module):
     """Leaf module holding one trainable factor as ``.weight`` (FSDP-friendly)."""
 
@@ -284,4 +361,6 @@ class _Factor(nn.Module):
         self.weight = nn.Parameter(weight)
 
 
-DELTA_CLASSES: dict[str, type[Delta]] = {cls.kind: cls for cls in (LowRankDelta, SparseDelta, FullDelta)}
+DELTA_CLASSES: dict[str, type[Delta]] = {
+    cls.kind: cls for cls in (LowRankDelta, SparseDelta, FullDelta, QuantizedDelta)
+}

@@ -2,7 +2,8 @@
 
 The slots are permuted by expert once; each expert's delta then works on its own contiguous run of slots, through
 the kind's :class:`ExpertOp` (sparse: gather/``index_add`` up to :data:`GATHER_DENSITY`, torch.sparse CSR products
-above, never a dense per-expert matrix; low-rank: two thin matmuls). The base projections run once per token, the
+above, never a dense per-expert matrix; low-rank: two thin matmuls; quantized: one expert's dequantized matrix at a
+time). The base projections run once per token, the
 base down projection once on the router-weighted mix. As in the stacked low-rank path, nothing of size ``(slots,
 intermediate)`` is stored for backward: the per-slot pre-activations are recomputed there. A new delta kind joins by
 registering an op in :data:`EXPERT_OPS`.
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from . import ffn
-from .deltas import Delta, LowRankDelta, SparseDelta
+from . import ffn, packing
+from .deltas import Delta, LowRankDelta, QuantizedDelta, SparseDelta
 from .routing import RoutingPlan
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -194,7 +195,53 @@ class LowRankOp(ExpertOp):
         grads[1][:, block].addmm_(grad.t(), inp @ a.t())
 
 
-EXPERT_OPS: dict[type[Delta], Callable[[Delta], ExpertOp]] = {SparseDelta: SparseOp.of, LowRankDelta: LowRankOp.of}
+@dataclass(frozen=True)
+class QuantizedOp(ExpertOp):
+    """Quantized deltas: expert e's ``(out, in)`` matrix ``q_e * scales_e``, dequantized from the packed codes when
+    used; the last one fetched for the backward pair (``grad_input``, ``add_grad_params``) is kept, forward keeps
+    none."""
+
+    codes: torch.Tensor
+    bits: int
+    group_size: int | None
+    out_features: int
+    in_features: int
+    _last: list = field(default_factory=list, compare=False, repr=False)  # [e, scales, its version, q, matrix]
+
+    @classmethod
+    def of(cls, delta: QuantizedDelta) -> QuantizedOp:
+        return cls(delta.codes, delta.bits, delta.group_size, delta.out_features, delta.in_features)
+
+    @staticmethod
+    def params_of(delta: QuantizedDelta) -> tuple[torch.Tensor, ...]:
+        return (delta.scales * delta.scale if delta.scale != 1.0 else delta.scales,)
+
+    def _matrix(self, e: int, scales: torch.Tensor, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        last = self._last
+        if keep and last and last[0] == e and last[1] is scales and last[2] == scales._version:
+            return last[3], last[4]
+        q = packing.levels(packing.unpack(self.codes[e], self.bits, self.in_features), self.bits, scales.dtype)
+        matrix = q * packing.expand_scales(scales[e], self.group_size, self.in_features)
+        if keep:  # backward only (no inference tensors there)
+            last[:] = (e, scales, scales._version, q, matrix)
+        return q, matrix
+
+    def add_product(self, e, inp, params, out) -> None:
+        out.addmm_(inp, self._matrix(e, params[0], keep=False)[1].t())
+
+    def grad_input(self, e, grad, params) -> torch.Tensor:
+        return grad @ self._matrix(e, params[0])[1]
+
+    def add_grad_params(self, e, grad, inp, params, grads) -> None:
+        q, _ = self._matrix(e, params[0])
+        grads[0][e] += packing.group_sum((grad.t() @ inp).mul_(q), self.group_size)
+
+
+EXPERT_OPS: dict[type[Delta], Callable[[Delta], ExpertOp]] = {
+    SparseDelta: SparseOp.of,
+    LowRankDelta: LowRankOp.of,
+    QuantizedDelta: QuantizedOp.of,
+}
 """Delta kind -> constructor of its :class:`ExpertOp` (the kinds the grouped path can run)."""
 
 
