@@ -6,6 +6,7 @@ losses and scales them under gradient accumulation.
 """
 
 from .compression import CompressionConfig, CompressionReport, compress, compression_report
+from .compression.serialization import register as register_d2moe
 from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, SparseDelta
 from .export import convert_to_moe, export_moe
@@ -16,6 +17,7 @@ from .report import ParameterReport, parameter_report
 from .trainer_callback import DeRSTrainerCallback, install_default_callback
 
 register(DeRSConfig, DeRSModel)
+register_d2moe()
 install_default_callback()
 
 __version__ = "0.1.0"

@@ -254,15 +254,19 @@ def grouped_routed_ffn(
     x: torch.Tensor,
     plan: RoutingPlan,
     in_base: Sequence[torch.Tensor],
-    out_base: torch.Tensor,
+    out_base: torch.Tensor | None,
     in_deltas: Sequence[Delta],
     out_delta: Delta,
     in_bias: Sequence[torch.Tensor | None],
     out_bias: torch.Tensor | None,
     act: Activation,
     gated: bool,
+    mixed_out: dict | None = None,
 ) -> torch.Tensor:
-    """``routed_ffn`` grouped by expert (same result, less memory; the kinds in :data:`EXPERT_OPS`)."""
+    """``routed_ffn`` grouped by expert (same result, less memory; the kinds in :data:`EXPERT_OPS`).
+
+    ``out_base=None`` leaves the base down projection to the caller, who finds its input, the router-weighted
+    intermediate mix ``(T, I)``, in ``mixed_out["mixed"]`` (D2-MoE's pruned base does that)."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     w_in = torch.cat(list(in_base)) if len(in_base) > 1 else in_base[0]
@@ -277,7 +281,9 @@ def grouped_routed_ffn(
     flat = [t for group in params for t in group]
     with torch.autocast(device, enabled=False):
         mixed, y_delta = _GroupedSlots.apply(spec, x.to(dtype), base.to(dtype), plan.weights.to(dtype), *flat, *biases)
-    y = y_delta + mixed @ out_base.t()
+    if mixed_out is not None:
+        mixed_out["mixed"] = mixed
+    y = y_delta if out_base is None else y_delta + mixed @ out_base.t()
     if out_bias is not None:
         y = y + plan.gate_matrix(y.dtype) @ out_bias.to(y.dtype)
     return y

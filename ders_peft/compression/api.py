@@ -29,20 +29,38 @@ def compress(
     config: CompressionConfig | None = None,
     *,
     dense_model: nn.Module | str | None = None,
+    calibration=None,
+    tokenizer=None,
     progress: bool = True,
 ):
-    """Compress a trained MoE into a DeRS adapter (``PeftModel``) over the dense model it was upcycled from.
+    """Compress a trained MoE.
 
-    ``model``: a DeRS model with ``delta_type="full"`` (its dense model is the one inside it), or a transformers
-    Mixtral / Qwen2-MoE / Qwen3-MoE with ``dense_model`` (a model or a local directory). The input is not modified;
-    the result holds its own copy of the dense model. DARE / magnitude give a sparse DeRS adapter (``delta_type=
-    "sparse"``, ``sparse_rate=drop_rate``), quantization a ``delta_type="quantized"`` one; either trains further,
-    saves, merges and exports like any DeRS adapter. ``progress`` shows a bar per FFN block.
+    DeRS compression (``method`` ``"dare"``, ``"magnitude"``, ``"quantize"``): ``model`` is a DeRS model with
+    ``delta_type="full"`` (its dense model is the one inside it), or a transformers Mixtral / Qwen2-MoE / Qwen3-MoE
+    with ``dense_model`` (a model or a local directory); the result is a DeRS adapter (``PeftModel``) over a copy of
+    the dense model: sparse (``sparse_rate=drop_rate``) or quantized deltas; it trains further, saves, merges and
+    exports like any DeRS adapter.
+
+    D2-MoE (``method="d2moe"``): any transformers MoE (no dense model), with ``calibration`` data (texts with
+    ``tokenizer``, token-id sequences or batches); the result is the same model class with compressed experts
+    (:func:`ders_peft.compression.d2moe.d2moe_compress`).
+
+    The input is never modified. ``progress`` shows progress bars.
     """
     from peft import get_peft_model
 
     config = config or CompressionConfig()
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"compress(): config must be a CompressionConfig, got {type(config).__name__}")
     config.validate()
+    if config.method == "d2moe":
+        from .d2moe import d2moe_compress
+
+        if dense_model is not None:
+            raise ValueError("compress(method='d2moe') merges its own base from the experts: do not pass dense_model.")
+        return d2moe_compress(model, config, calibration, tokenizer=tokenizer, progress=progress)
+    if calibration is not None:
+        raise ValueError(f"compress(method={config.method!r}) uses no calibration data; calibration is for 'd2moe'.")
     source = read_source(model, dense_model)
     ders_config = _ders_config(source, config)
     dense = source.dense

@@ -6,12 +6,18 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-METHODS = ("dare", "magnitude", "quantize")
+METHODS = ("dare", "magnitude", "quantize", "d2moe")
+BASE_MERGES = ("fisher", "frequency", "mean")
+SVD_KINDS = ("whitened", "plain")
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def _bad(field_name: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"CompressionConfig.{field_name}={value!r} is invalid: {allowed}.")
+
+
+def _is_fraction(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value) and 0 <= value < 1
 
 
 @dataclass
@@ -20,7 +26,9 @@ class CompressionConfig:
     dense FFN the experts were upcycled from, and each ``Delta_e`` compressed.
 
     Args:
-        method: ``"dare"`` (keep each entry with probability ``1 - drop_rate``, rescale the kept ones; unbiased),
+        method: ``"d2moe"`` (any MoE, no dense model needed: a merged base plus whitened low-rank deltas, see
+            :mod:`ders_peft.compression.d2moe`), ``"dare"`` (keep each entry with probability ``1 - drop_rate``,
+            rescale the kept ones; unbiased),
             ``"magnitude"`` (keep the ``1 - drop_rate`` largest ``|Delta|`` entries of each expert's matrix, no
             rescaling) or ``"quantize"`` (symmetric ``bits``-bit codes with per-row or per-group scales). DARE and
             magnitude give an ordinary sparse DeRS adapter (values + int32 indices), quantization a quantized one.
@@ -30,6 +38,18 @@ class CompressionConfig:
         compress_shared: with a universal FFN (extended DeRS) or a Qwen2-MoE shared expert: ``True`` compresses its
             delta like the experts' (N + 1 deltas over one base); ``False`` keeps its delta whole (dense).
         seed: seed of DARE's random choice of kept entries (the same seed gives the same adapter).
+        ratio: ``"d2moe"``: target share of the MoE's expert parameters removed (the D2-MoE paper's compression
+            ratio), which sets each matrix's delta rank; ignored when ``rank`` is given.
+        rank: ``"d2moe"``: one delta rank for every matrix instead of ``ratio`` (clamped to each matrix's smaller
+            side, so a large value reproduces the MoE).
+        base_merge: ``"d2moe"``: how the shared base is merged from the experts: ``"fisher"`` (element-wise
+            Fisher-weighted, D2-MoE eq. 11), ``"frequency"`` (weighted by router frequency) or ``"mean"``.
+        svd: ``"d2moe"``: ``"whitened"`` (truncation-aware SVD of ``Delta_e S_e``, ``S_e`` the Cholesky factor of
+            the expert's input Gram matrix) or ``"plain"`` truncated SVD.
+        base_prune: ``"d2moe"``: share of the base down projection's intermediate channels pruned, half statically
+            (by ``||W[:, j]|| * ||X_j||`` on calibration data, not stored) and half per batch (dynamic).
+        adaptive_ranks: ``"d2moe"``: spread the rank budget over layers by their delta energy (appendix A.7)
+            instead of one rank per matrix kind everywhere.
     """
 
     method: Literal["dare", "magnitude", "quantize"] = "dare"
@@ -38,6 +58,12 @@ class CompressionConfig:
     group_size: int | None = None
     compress_shared: bool = True
     seed: int = 0
+    ratio: float = 0.4
+    rank: int | None = None
+    base_merge: Literal["fisher", "frequency", "mean"] = "fisher"
+    svd: Literal["whitened", "plain"] = "whitened"
+    base_prune: float = 0.0
+    adaptive_ranks: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -45,11 +71,9 @@ class CompressionConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and what is allowed for any invalid setting."""
         if self.method not in METHODS:
-            hint = " (D2-MoE, for MoEs without a dense ancestor, is not built yet)" if self.method == "d2moe" else ""
-            raise _bad("method", self.method, f"allowed values are {METHODS}{hint}")
-        rate = self.drop_rate
-        if not isinstance(rate, int | float) or isinstance(rate, bool) or math.isnan(rate) or not 0 <= rate < 1:
-            raise _bad("drop_rate", rate, "must be a number in [0, 1) (the share of delta entries dropped)")
+            raise _bad("method", self.method, f"allowed values are {METHODS}")
+        if not _is_fraction(self.drop_rate):
+            raise _bad("drop_rate", self.drop_rate, "must be a number in [0, 1) (the share of delta entries dropped)")
         if isinstance(self.bits, bool) or self.bits not in BITS:
             raise _bad("bits", self.bits, f"allowed values are {BITS}")
         size = self.group_size
@@ -59,10 +83,26 @@ class CompressionConfig:
             raise _bad("compress_shared", self.compress_shared, "must be True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", self.seed, "must be an integer >= 0")
+        for name in ("ratio", "base_prune"):
+            if not _is_fraction(getattr(self, name)):
+                raise _bad(name, getattr(self, name), "must be a number in [0, 1)")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0):
+            raise _bad("rank", self.rank, "must be None (use ratio) or an integer >= 0")
+        if self.base_merge not in BASE_MERGES:
+            raise _bad("base_merge", self.base_merge, f"allowed values are {BASE_MERGES}")
+        if self.svd not in SVD_KINDS:
+            raise _bad("svd", self.svd, f"allowed values are {SVD_KINDS}")
+        if not isinstance(self.adaptive_ranks, bool):
+            raise _bad("adaptive_ranks", self.adaptive_ranks, "must be True or False")
 
     def describe(self) -> dict:
         """The settings that matter for ``method`` (recorded in the adapter's config)."""
         keep = {"method", "compress_shared"}
-        keep |= {"bits", "group_size"} if self.method == "quantize" else {"drop_rate"}
-        keep |= {"seed"} if self.method == "dare" else set()
+        if self.method == "d2moe":
+            keep = {"method", "base_merge", "svd", "base_prune", "adaptive_ranks"}
+            keep |= {"rank"} if self.rank is not None else {"ratio"}
+        elif self.method == "quantize":
+            keep |= {"bits", "group_size"}
+        else:
+            keep |= {"drop_rate", "seed"} if self.method == "dare" else {"drop_rate"}
         return {k: v for k, v in asdict(self).items() if k in keep}

@@ -1,0 +1,117 @@
+"""`D2Experts`: the compressed experts of one MoE block (D2-MoE): a shared base FFN plus low-rank per-expert deltas.
+
+It replaces a transformers MoE block's ``experts`` module and has its call signature ``(hidden_states,
+top_k_index, top_k_weights)``, so the block's own router runs unchanged (routing is kept exactly, whatever the
+architecture). Expert ``e`` computes ``W_base + U_e V_e`` for gate, up and down without materialising it: the routed
+layer's grouped path runs the base once per token and the low-rank products per routed slot.
+
+Semi-dynamic base pruning: the base down projection keeps only the intermediate channels ``base_keep`` chosen
+offline (static), and per call zeroes the ``dynamic_prune`` kept channels with the lowest ``||W[:, j]|| * ||h_j||``
+on the current batch (dynamic). The deltas are not pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..deltas import LowRankDelta
+from ..grouped_path import grouped_routed_ffn
+from ..routing import RoutingPlan
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+class D2Experts(nn.Module):
+    """Base ``gate``/``up`` ``(I, H)``, base ``down`` ``(H, I_kept)`` and low-rank deltas (:class:`LowRankDelta`,
+    ``B_e A_e`` with ``B_e = U_e``, ``A_e = V_e``) of ``num_experts`` SwiGLU experts."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        ranks: dict[str, int],
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        kept_channels: int | None = None,
+        dynamic_prune: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        fk = {"dtype": dtype, "device": device}
+        kept = intermediate_size if kept_channels is None else kept_channels
+        if not 0 < kept <= intermediate_size or not 0 <= dynamic_prune < kept:
+            raise ValueError(
+                f"D2Experts: kept_channels={kept} and dynamic_prune={dynamic_prune} are invalid for an intermediate "
+                f"size of {intermediate_size}: need 0 < kept <= {intermediate_size} and 0 <= dynamic_prune < kept."
+            )
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.act_fn = act_fn
+        self.dynamic_prune = dynamic_prune
+        self.base_gate = nn.Parameter(torch.zeros(intermediate_size, hidden_size, **fk))
+        self.base_up = nn.Parameter(torch.zeros(intermediate_size, hidden_size, **fk))
+        self.base_down = nn.Parameter(torch.zeros(hidden_size, kept, **fk))
+        self.register_buffer("base_keep", torch.arange(kept, device=device))
+        shapes = {"gate_proj": (intermediate_size, hidden_size), "up_proj": (intermediate_size, hidden_size)}
+        shapes["down_proj"] = (hidden_size, intermediate_size)
+        self.deltas = nn.ModuleDict(
+            {p: LowRankDelta(num_experts, *shapes[p], rank=ranks[p], **fk) for p in PROJS}
+        )
+        for delta in self.deltas.values():
+            if delta.lora_a.weight.device.type != "meta":
+                nn.init.zeros_(delta.lora_a.weight)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {p: d.rank for p, d in self.deltas.items()}
+
+    @torch.no_grad()
+    def load_(self, base: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              keep: torch.Tensor | None = None) -> D2Experts:  # fmt: skip
+        """Fill from ``base`` (projection -> ``(out, in)``), ``factors`` (projection -> ``U`` ``(E, out, r)``, ``V``
+        ``(E, r, in)``) and the kept intermediate channels of the base down projection."""
+        self.base_gate.copy_(base["gate_proj"])
+        self.base_up.copy_(base["up_proj"])
+        keep = torch.arange(self.intermediate_size) if keep is None else keep.sort().values
+        self.base_keep.copy_(keep)
+        self.base_down.copy_(base["down_proj"][:, keep])
+        for proj, (u, v) in factors.items():
+            delta = self.deltas[proj]
+            delta.lora_b.weight.copy_(u.permute(1, 0, 2).reshape(delta.out_features, -1))
+            delta.lora_a.weight.copy_(v.reshape(-1, delta.in_features))
+        return self
+
+    def base_down_full(self) -> torch.Tensor:
+        """The base down projection ``(H, I)`` with statically pruned channels as zero columns."""
+        full = self.base_down.new_zeros(self.hidden_size, self.intermediate_size)
+        full[:, self.base_keep] = self.base_down
+        return full
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        x = hidden_states
+        plan = RoutingPlan(top_k_index, top_k_weights.to(x.dtype), self.num_experts)
+        d = self.deltas
+        mixed_out: dict[str, torch.Tensor] = {}
+        y = grouped_routed_ffn(
+            x, plan, [self.base_gate, self.base_up], None, [d["gate_proj"], d["up_proj"]], d["down_proj"],
+            [None, None], None, self.act_fn, True, mixed_out=mixed_out,
+        )  # fmt: skip
+        mixed = mixed_out["mixed"].index_select(1, self.base_keep)  # (T, I_kept): what the base down projection reads
+        if self.dynamic_prune:
+            score = mixed.detach().norm(dim=0) * self.base_down.detach().norm(dim=0)
+            drop = score.topk(self.dynamic_prune, largest=False).indices
+            mixed = mixed.index_fill(1, drop, 0.0)
+        return (y + mixed @ self.base_down.t()).to(hidden_states.dtype)
+
+    @torch.no_grad()
+    def expert_weights(self) -> dict[str, torch.Tensor]:
+        """Every expert's ``W_base + U_e V_e`` ``(E, out, in)`` (static pruning applied, dynamic not): for references
+        and for writing a standard MoE back."""
+        base = {"gate_proj": self.base_gate, "up_proj": self.base_up, "down_proj": self.base_down_full()}
+        return {p: base[p].unsqueeze(0) + self.deltas[p].materialize() for p in PROJS}
+
+    def stored_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
