@@ -278,7 +278,7 @@ def test_a_compressed_adapter_trains_further():
 # ------------------------------------------------------------------------------------------------- refusals
 def test_refusals_name_the_problem():
     dense, moe = _moe_from_export("llama", "mixtral")
-    with pytest.raises(ValueError, match="dense_model.*D2-MoE"):
+    with pytest.raises(ValueError, match="dense_model.*method='d2moe'"):
         compress(moe, CompressionConfig())
     with pytest.raises(ValueError, match="hidden_size"):
         compress(moe, CompressionConfig(), dense_model=tiny_model("llama", hidden=16))
@@ -287,8 +287,14 @@ def test_refusals_name_the_problem():
         compress(lowrank, CompressionConfig())
     with pytest.raises(ValueError, match="neither a DeRS model nor"):
         compress(dense, CompressionConfig())
-    with pytest.raises(ValueError, match="d2moe.*D2-MoE"):
-        CompressionConfig(method="d2moe")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        compress(moe, CompressionConfig(method="d2moe"))
+    with pytest.raises(ValueError, match="do not pass dense_model"):
+        compress(moe, CompressionConfig(method="d2moe"), dense_model=dense, calibration=[[1, 2, 3]])
+    with pytest.raises(ValueError, match="uses no calibration data"):
+        compress(moe, CompressionConfig(method="dare"), dense_model=dense, calibration=[[1, 2, 3]])
+    with pytest.raises(TypeError, match="CompressionConfig"):
+        compress(moe, {"method": "dare"}, dense_model=dense)
     for field, value in (("drop_rate", 1.0), ("bits", 0), ("group_size", 0), ("seed", -1), ("compress_shared", 1)):
         with pytest.raises(ValueError, match=f"CompressionConfig.{field}="):
             CompressionConfig(**{field: value})

@@ -174,8 +174,9 @@ def d2moe_compress(
 
 
 def _record(model: nn.Module, config: CompressionConfig, layers: dict, stats: dict[int, LayerStats]) -> None:
-    from .serialization import D2MoEQuantizationConfig
+    from .serialization import D2MoEQuantizationConfig, mark_compressed
 
+    mark_compressed(model)
     starved = {str(i): s.starved for i, s in stats.items() if s.starved}
     model.config.quantization_config = D2MoEQuantizationConfig(
         layers=layers,
@@ -200,11 +201,14 @@ def decompress(model: nn.Module) -> nn.Module:
     ``W_base + U_e V_e`` (static base pruning applied; the dynamic part, chosen per batch, cannot be stored)."""
     from accelerate import init_empty_weights
 
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
+    from .serialization import source_class
+
+    cls = source_class(model)
+    skip = ("quantization_config", "model_type")
+    cfg = cls.config_class.from_dict({k: v for k, v in model.config.to_dict().items() if k not in skip})
+    cfg.architectures = [cls.__name__]
     with init_empty_weights(include_buffers=False):
-        target = type(model)(cfg)
+        target = cls(cfg)
     state = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
     for name, module in model.named_modules():
         if isinstance(module, D2Experts):

@@ -5,7 +5,12 @@ A D2-MoE model is the MoE's own transformers class with compressed ``experts`` m
 pruning). ``import ders_peft`` registers that method with transformers (``register_quantization_config`` /
 ``register_quantizer``), so ``AutoModelForCausalLM.from_pretrained(dir)`` builds the model, swaps each listed
 block's ``experts`` for an empty :class:`~.d2_experts.D2Experts` of the recorded shapes before the weights load,
-and loads them. Without ``import ders_peft`` transformers stops with an unknown quantization method.
+and loads them.
+
+transformers skips an unknown quantization method with a warning (it would load random experts), so the saved config
+also names its own ``model_type`` (``ders_d2moe_<model_type>``, a subclass of the MoE's config registered with
+``AutoConfig``/``AutoModelForCausalLM`` at ``import ders_peft``): without ``import ders_peft`` loading stops with
+transformers' "does not recognize this architecture" error naming that type, never a silently wrong model.
 """
 
 from __future__ import annotations
@@ -79,12 +84,52 @@ class D2MoEQuantizer(HfQuantizer):
         return True
 
 
+MODEL_TYPE_PREFIX = "ders_d2moe_"
+_CLASSES: dict[str, tuple[type, type]] = {}  # source model_type -> (config subclass, model subclass)
+
+
+def _classes(model_type: str) -> tuple[type, type]:
+    """The registered config / causal-LM subclasses for a D2-MoE model of ``model_type`` (built once)."""
+    if model_type not in _CLASSES:
+        from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        base_config = CONFIG_MAPPING[model_type]
+        base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+        name = MODEL_TYPE_PREFIX + model_type
+        config_cls = type(f"DeRSD2{base_config.__name__}", (base_config,), {"model_type": name})
+        model_cls = type(f"DeRSD2{base_model.__name__}", (base_model,), {"config_class": config_cls})
+        model_cls._d2moe_source = base_model
+        AutoConfig.register(name, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        _CLASSES[model_type] = (config_cls, model_cls)
+    return _CLASSES[model_type]
+
+
+def mark_compressed(model) -> None:
+    """Give a freshly compressed model its D2-MoE config and model classes (same state, own ``model_type``)."""
+    source_type = model.config.model_type
+    config_cls, model_cls = _classes(source_type)
+    model.config.__class__ = config_cls
+    model.__class__ = model_cls
+    model.config.architectures = [model_cls.__name__]
+
+
+def source_class(model) -> type:
+    """The plain transformers class a D2-MoE model was made from."""
+    return getattr(type(model), "_d2moe_source", type(model))
+
+
 def register() -> None:
-    """Register ``ders_d2moe`` with transformers (idempotent)."""
+    """Register ``ders_d2moe`` (quantization method and model types) with transformers (idempotent)."""
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    from .moe_blocks import SUPPORTED_MODEL_TYPES
 
     AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = D2MoEQuantizationConfig
     AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = D2MoEQuantizer
+    for model_type in SUPPORTED_MODEL_TYPES:
+        _classes(model_type)
 
 
 __all__ = ["QUANT_METHOD", "D2MoEQuantizationConfig", "D2MoEQuantizer", "register"]

@@ -25,7 +25,8 @@ from ..layer import DeRSLayer
 NO_DENSE_MESSAGE = (
     "DeRS compression needs the dense model the MoE was upcycled from (dense_model=<model or local directory>): its "
     "FFN is the shared base W_base of W_e = W_base + Delta_e. A MoE trained from scratch (or without its dense "
-    "ancestor) has no such base: that is D2-MoE compression (a merged base and low-rank deltas), not built yet."
+    "ancestor) has no such base: use D2-MoE compression instead, CompressionConfig(method='d2moe') with "
+    "calibration=<texts or token batches> (a base merged from the experts and low-rank deltas)."
 )
 
 # transformers MoE model_type -> (routing renormalises the top-k weights: True, False or the config attribute)

@@ -1,0 +1,261 @@
+"""D2-MoE compression end to end: exactness at full rank, the bases, SVD kinds, ratio accounting, saving, healing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from moe_testing import ARCHS, VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+
+from ders_peft import CompressionConfig, compress
+from ders_peft.compression.d2_experts import D2Experts
+from ders_peft.compression.d2moe import calibration_batches, decompress, stored_expert_params
+from ders_peft.compression.moe_blocks import find_moe_blocks
+
+GEN = torch.Generator().manual_seed(5)
+CALIB = [torch.randint(0, VOCAB, (20,), generator=GEN).tolist() for _ in range(6)]
+IDS = torch.randint(0, VOCAB, (2, 9), generator=GEN)
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_rank_reproduces_every_architecture(arch):
+    moe = tiny_model(arch)
+    for cfg in (
+        CompressionConfig(method="d2moe", rank=10_000),  # Fisher base, whitened SVD
+        CompressionConfig(method="d2moe", rank=10_000, base_merge="mean", svd="plain"),
+    ):
+        small = compress(moe, cfg, calibration=CALIB, progress=False)
+        torch.testing.assert_close(_logits(small), _logits(moe), atol=1e-5, rtol=0)
+        blocks = [m for m in small.modules() if isinstance(m, D2Experts)]
+        assert len(blocks) == len(find_moe_blocks(moe))
+        # the MoE's own router module is kept, weights untouched
+        for (_, a), (_, b) in zip(find_moe_blocks(moe).items(), find_moe_blocks_router(small), strict=True):
+            assert type(a.router) is type(b) and torch.equal(a.router.weight, b.weight)
+    assert not any(isinstance(m, D2Experts) for m in moe.modules())  # the input is not modified
+
+
+def find_moe_blocks_router(model):
+    layers = [(i, layer.mlp) for i, layer in enumerate(model.model.layers)]
+    return [(i, mlp.gate if hasattr(mlp, "gate") else mlp.router) for i, mlp in layers if _compressed(mlp)]
+
+
+def _compressed(mlp) -> bool:
+    return isinstance(getattr(mlp, "experts", None), D2Experts)
+
+
+def _router_choices(moe, batches):
+    """Expert ids each block's router picked on the calibration batches (padding excluded), by forward hooks."""
+    counts, hooks = {}, []
+    blocks = find_moe_blocks(moe)
+    for idx, info in blocks.items():
+        counts[idx] = torch.zeros(info.num_experts)
+
+        def hook(module, args, output, idx=idx):
+            hook.mask_store[idx] = output[-1]
+
+        hook.mask_store = {}
+        hooks.append((info.router.register_forward_hook(hook), hook))
+    with torch.no_grad():
+        for batch in batches:
+            moe(**batch)
+            keep = batch["attention_mask"].reshape(-1).bool()
+            for _handle, hook in hooks:
+                for idx, picked in hook.mask_store.items():
+                    counts[idx] += torch.bincount(picked[keep].reshape(-1), minlength=len(counts[idx])).float()
+                hook.mask_store.clear()
+    for handle, _ in hooks:
+        handle.remove()
+    return counts
+
+
+def test_mean_and_frequency_bases_equal_a_direct_computation():
+    moe = tiny_model("mixtral")
+    batches = calibration_batches(CALIB)
+    counts = _router_choices(moe, batches)
+    for merge in ("mean", "frequency"):
+        small = compress(moe, CompressionConfig(method="d2moe", rank=2, base_merge=merge), calibration=CALIB)
+        for idx, info in find_moe_blocks(moe).items():
+            got = small.model.layers[idx].mlp.experts
+            w = info.gate.double()
+            if merge == "mean":
+                want = w.mean(0)
+            else:
+                f = counts[idx].double()
+                want = (f[:, None, None] * w).sum(0) / f.sum()
+            torch.testing.assert_close(got.base_gate.double(), want, atol=1e-6, rtol=0)
+
+
+def test_fisher_base_differs_and_whitened_svd_fits_the_calibration_data_better():
+    moe = tiny_model("qwen3_moe")
+    batches = calibration_batches(CALIB)
+    want = torch.cat([_logits(moe, b["input_ids"]) for b in batches])
+    errors = {}
+    for svd in ("whitened", "plain"):
+        small = compress(moe, CompressionConfig(method="d2moe", rank=2, svd=svd), calibration=CALIB)
+        got = torch.cat([_logits(small, b["input_ids"]) for b in batches])
+        errors[svd] = float((got - want).pow(2).mean())
+    assert errors["whitened"] < errors["plain"]
+    fisher = compress(moe, CompressionConfig(method="d2moe", rank=2), calibration=CALIB)
+    mean = compress(moe, CompressionConfig(method="d2moe", rank=2, base_merge="mean"), calibration=CALIB)
+    assert not torch.equal(fisher.model.layers[0].mlp.experts.base_up, mean.model.layers[0].mlp.experts.base_up)
+
+
+@pytest.mark.parametrize("ratio,prune", [(0.2, 0.0), (0.4, 0.0), (0.4, 0.3), (0.6, 0.0)])
+def test_the_ratio_reported_is_the_parameters_stored(ratio, prune):
+    moe = tiny_model("mixtral")
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=ratio, base_prune=prune), calibration=CALIB)
+    counts = stored_expert_params(small)
+    direct = sum(p.numel() for m in small.modules() if isinstance(m, D2Experts) for p in m.parameters())
+    original = sum(info.gate_up_param.numel() + info.down_param.numel() for info in find_moe_blocks(moe).values())
+    assert counts == {"compressed": direct, "original": original}
+    achieved = 1 - direct / original
+    assert achieved >= ratio - 1e-9  # at least the requested share removed
+    layers = json.loads(json.dumps(small.config.quantization_config.to_dict()))["layers"]
+    for spec in layers.values():
+        assert spec["kept_channels"] == 16 - round(16 * prune / 2)
+        assert spec["dynamic_prune"] == round(16 * prune) - round(16 * prune / 2)
+
+
+def test_semi_dynamic_pruning_zeroes_the_lowest_channels_per_batch():
+    moe = tiny_model("mixtral")
+    small = compress(moe, CompressionConfig(method="d2moe", rank=10_000, base_prune=0.5), calibration=CALIB)
+    experts = small.model.layers[0].mlp.experts
+    assert experts.base_down.shape[1] == 12 and experts.dynamic_prune == 4
+    captured = {}
+    handle = small.model.layers[0].mlp.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0]))
+    _logits(small)
+    handle.remove()
+    x = captured["x"].reshape(-1, 32)
+    idx, w = small.model.layers[0].mlp.gate(x)[2], small.model.layers[0].mlp.gate(x)[1]
+    # direct: every expert's full weights, the base down columns not kept are removed, and per batch the 4 kept
+    # channels with the lowest ||W[:, j]|| * ||mix_j|| are zeroed in the base down projection's input
+    weights = experts.expert_weights()
+    mix = torch.zeros(x.shape[0], 16)
+    y_delta = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for s in range(idx.shape[1]):
+            e = int(idx[t, s])
+            g = x[t] @ weights["gate_proj"][e].t()
+            u = x[t] @ weights["up_proj"][e].t()
+            h = torch.nn.functional.silu(g) * u
+            mix[t] += w[t, s] * h
+            y_delta[t] += w[t, s] * (h @ experts.deltas["down_proj"].materialize()[e].t())
+    kept_mix = mix[:, experts.base_keep]
+    score = kept_mix.norm(dim=0) * experts.base_down.norm(dim=0)
+    kept_mix[:, score.topk(4, largest=False).indices] = 0
+    want = y_delta + kept_mix @ experts.base_down.t()
+    torch.testing.assert_close(experts(x, idx, w), want, atol=1e-5, rtol=0)
+
+
+def test_expert_without_calibration_tokens_is_finite_and_reported():
+    moe = tiny_model("mixtral")
+    info = find_moe_blocks(moe)[0]
+
+    def never_three(module, args, output):
+        logits, weights, idx = output
+        masked = logits.clone()
+        masked[:, 3] = -torch.inf
+        probs = torch.softmax(masked.float(), -1)
+        top, top_idx = probs.topk(idx.shape[1], -1)
+        return logits, top / top.sum(-1, keepdim=True), top_idx
+
+    handle = info.router.register_forward_hook(never_three)
+    try:
+        small = compress(moe, CompressionConfig(method="d2moe", ratio=0.4), calibration=CALIB, progress=False)
+    finally:
+        handle.remove()
+    assert 3 in small.config.quantization_config.starved_experts["0"]
+    assert all(torch.isfinite(p).all() for p in small.parameters())
+    assert torch.isfinite(_logits(small)).all()
+
+
+def test_save_and_fresh_process_load(tmp_path):
+    moe = tiny_model("qwen2_moe")
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=0.4, base_prune=0.25), calibration=CALIB)
+    small.save_pretrained(tmp_path / "d2")
+    saved = json.loads((tmp_path / "d2" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "ders_d2moe"
+    torch.save({"ids": IDS, "want": _logits(small)}, tmp_path / "check.pt")
+    code = textwrap.dedent(
+        f"""
+        import torch, ders_peft
+        from transformers import AutoModelForCausalLM
+        from ders_peft.compression.d2_experts import D2Experts
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "d2")!r}).eval()
+        assert any(isinstance(m, D2Experts) for m in model.modules())
+        check = torch.load({str(tmp_path / "check.pt")!r})
+        with torch.no_grad():
+            got = model(input_ids=check["ids"]).logits
+        assert torch.equal(got, check["want"]), (got - check["want"]).abs().max()
+        print("ok")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+    # without import ders_peft, transformers does not know the method: a clear failure, not a silent load
+    bare = "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(" + repr(
+        str(tmp_path / "d2")
+    ) + ")"
+    run = subprocess.run([sys.executable, "-c", bare], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "ders_d2moe_qwen2_moe" in run.stderr
+
+
+def test_decompress_writes_a_standard_moe(tmp_path):
+    moe = tiny_model("mixtral")
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=0.4, base_prune=0.0), calibration=CALIB)
+    plain = decompress(small)
+    assert type(plain) is type(moe) and not hasattr(plain.config, "quantization_config")
+    assert plain.config.model_type == "mixtral" and type(plain.config) is type(moe.config)
+    torch.testing.assert_close(_logits(plain), _logits(small), atol=1e-5, rtol=0)
+    plain.save_pretrained(tmp_path / "plain")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    torch.testing.assert_close(_logits(again), _logits(small), atol=1e-5, rtol=0)
+
+
+def test_healing_trains_the_low_rank_factors():
+    moe = tiny_model("mixtral")
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=0.6), calibration=CALIB, progress=False)
+    small.train()
+    params = [p for n, p in small.named_parameters() if ".deltas." in n]
+    assert params
+    for p in small.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.tensor(CALIB)
+    losses = []
+    for _ in range(8):
+        loss = small(input_ids=ids, labels=ids).loss
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+
+
+def test_calibration_inputs_and_errors():
+    class Tok:
+        def __call__(self, text, truncation=True, max_length=8):
+            return {"input_ids": [ord(c) % VOCAB for c in text][:max_length]}
+
+    batches = calibration_batches(["abc", "de"], Tok(), batch_size=2)
+    assert batches[0]["input_ids"].tolist() == [[97 % VOCAB, 98 % VOCAB, 99 % VOCAB], [100 % VOCAB, 101 % VOCAB, 0]]
+    assert batches[0]["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    with pytest.raises(ValueError, match="tokenizer"):
+        calibration_batches(["abc"])
+    with pytest.raises(ValueError, match="empty"):
+        calibration_batches([])
+    for field, value in (("ratio", 1.0), ("rank", -1), ("base_merge", "median"), ("svd", "qr"), ("base_prune", 2)):
+        with pytest.raises(ValueError, match=f"CompressionConfig.{field}="):
+            CompressionConfig(method="d2moe", **{field: value})
