@@ -13,7 +13,7 @@ from .registration import PEFT_TYPE_DERS
 
 DELTA_TYPES = ("lowrank", "sparse", "full", "quantized")
 UNIVERSAL_DELTA_TYPES = (None, "full")
-QUANT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+QUANT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 
 
 def _bad(field_name: str, value: object, allowed: str) -> ValueError:
@@ -62,7 +62,7 @@ class DeRSConfig(PeftConfig):
             (k-bit codes packed in bytes with per-row or per-group scales; made by ``ders_peft.compress``).
         rank: rank r of each low-rank delta (``delta_type="lowrank"``).
         sparse_rate: fraction of entries NOT kept in each sparse delta, as in the paper (0.9999 keeps 0.01%).
-        bits: bits per entry of quantized deltas (1-8; 1 is sign times a scale).
+        bits: bits per entry of quantized deltas (1-8 or 16; 1 is sign times a scale).
         group_size: entries of a row sharing one scale in quantized deltas; ``None`` for one scale per output row.
         seed: seed of the router initialisation, the low-rank A matrices and the sparse indices.
         shared_expert: extended DeRS: an always-on universal FFN (the shared base plus its own delta) next to the

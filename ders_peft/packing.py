@@ -11,7 +11,8 @@ row may be shorter). Entry ``w[r, i]`` decodes to ``level * scale``:
 
 :func:`pack` writes the codes of each row as one little-endian bitstream (entry i in bits ``i*bits .. i*bits+bits-1``,
 bit j of the stream is bit ``j % 8`` of byte ``j // 8``: what ``numpy.packbits(..., bitorder="little")`` gives), so a
-row takes ``ceil(in * bits / 8)`` bytes for every ``bits`` in 1..8.
+row takes ``ceil(in * bits / 8)`` bytes for every ``bits`` in 1..8 and 16. Codes are ``uint8`` up to 8 bits and
+``int32`` at 16 bits (16 bits: the paper's "16-bit" setting as integer levels, for an almost lossless reference).
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ one with the least squared error is kept (ties: the larger c). Going down to 0.2
 under 1%."""
 
 
+BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
 def _check_bits(bits: int) -> None:
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits={bits!r} is invalid: must be an integer in 1..8")
+    if bits not in BITS:
+        raise ValueError(f"bits={bits!r} is invalid: allowed values are {BITS}")
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """dtype of unpacked codes: ``uint8`` up to 8 bits, ``int32`` above."""
+    return torch.uint8 if bits <= 8 else torch.int32
 
 
 def qmax(bits: int) -> int:
@@ -80,7 +89,7 @@ def levels(codes: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -
 def quantize(
     w: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``uint8`` ``(..., out, in)`` and float32 scales ``(..., out, groups)`` of ``w`` ``(..., out, in)``.
+    """Codes (``uint8``; ``int32`` at 16 bits) ``(..., out, in)`` and float32 scales ``(..., out, groups)`` of ``w`` ``(..., out, in)``.
 
     ``bits >= 2``: each row/group's scale is ``c * absmax / qmax`` with c from :data:`CLIP_GRID` minimising its
     squared error (``clip_search=False``: c = 1). All-zero rows/groups get scale 0 (and decode to 0).
@@ -109,7 +118,7 @@ def quantize(
             best_q = torch.where(better.unsqueeze(-1), q, best_q)
             scales = torch.where(better, s, scales)
         codes = best_q + m
-    codes = codes.to(torch.uint8).flatten(-2)[..., :n]
+    codes = codes.to(code_dtype(bits)).flatten(-2)[..., :n]
     return codes, scales
 
 
@@ -145,7 +154,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Codes ``uint8`` ``(..., in_features)`` of rows packed by :func:`pack`."""
+    """Codes ``(..., in_features)`` (:func:`code_dtype`) of rows packed by :func:`pack`."""
     entries, nbytes, itype = _layout(bits)
     chunks = -(-in_features // entries)
     b = packed.to(itype)
@@ -156,4 +165,4 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     chunk = (b << (torch.arange(nbytes, device=b.device, dtype=itype) * 8)).sum(-1, dtype=itype)
     shifts = torch.arange(entries, device=b.device, dtype=itype) * bits
     codes = (chunk.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.flatten(-2)[..., :in_features].to(torch.uint8)
+    return codes.flatten(-2)[..., :in_features].to(code_dtype(bits))

@@ -66,6 +66,16 @@ def test_drop_rate_zero_reproduces_a_ders_full_model(method, family, shared, com
     assert kinds == {UniversalFullDelta if shared and not compress_shared else SparseDelta}
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_sixteen_bits_is_within_1e4(shared):
+    _, moe = _vanilla("llama", shared=shared)
+    small = compress(moe, CompressionConfig(method="quantize", bits=16))
+    diff = (_logits(small) - _logits(moe)).abs().max()
+    assert diff < 1e-4 and diff > 0  # quantized (not a copy), yet within the tolerance
+    codes = ders_layers(small)[0].ders_delta["default"]["gate_proj"].codes
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == 2 * 32  # 16 bits: two bytes per entry, packed
+
+
 def _moe_from_export(family, arch, shared=False, gate=False):
     dense, ders = _vanilla(family, shared=shared, gate=gate)
     moe = ders_peft.convert_to_moe(ders, arch)

@@ -237,7 +237,7 @@ def test_healing_trains_the_low_rank_factors():
     losses = []
     for _ in range(8):
         loss = small(input_ids=ids, labels=ids).loss
-        losses.append(float(loss))
+        losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()

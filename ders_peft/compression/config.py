@@ -9,7 +9,7 @@ from typing import Literal
 METHODS = ("dare", "magnitude", "quantize", "d2moe")
 BASE_MERGES = ("fisher", "frequency", "mean")
 SVD_KINDS = ("whitened", "plain")
-BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 
 
 def _bad(field_name: str, value: object, allowed: str) -> ValueError:
@@ -33,7 +33,7 @@ class CompressionConfig:
             rescaling) or ``"quantize"`` (symmetric ``bits``-bit codes with per-row or per-group scales). DARE and
             magnitude give an ordinary sparse DeRS adapter (values + int32 indices), quantization a quantized one.
         drop_rate: share of each delta's entries dropped (``"dare"``, ``"magnitude"``), in ``[0, 1)``.
-        bits: bits per delta entry (``"quantize"``), 1-8; 1 bit is sign times a scale.
+        bits: bits per delta entry (``"quantize"``), 1-8 or 16; 1 bit is sign times a scale.
         group_size: entries of a row sharing one scale (``"quantize"``); ``None`` for one scale per output row.
         compress_shared: with a universal FFN (extended DeRS) or a Qwen2-MoE shared expert: ``True`` compresses its
             delta like the experts' (N + 1 deltas over one base); ``False`` keeps its delta whole (dense).
