@@ -89,7 +89,8 @@ def levels(codes: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -
 def quantize(
     w: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (``uint8``; ``int32`` at 16 bits) ``(..., out, in)`` and float32 scales ``(..., out, groups)`` of ``w`` ``(..., out, in)``.
+    """Codes (``uint8``; ``int32`` at 16 bits) ``(..., out, in)`` and float32 scales ``(..., out, groups)`` of ``w``
+    ``(..., out, in)``.
 
     ``bits >= 2``: each row/group's scale is ``c * absmax / qmax`` with c from :data:`CLIP_GRID` minimising its
     squared error (``clip_search=False``: c = 1). All-zero rows/groups get scale 0 (and decode to 0).
