@@ -5,7 +5,7 @@
 losses and scales them under gradient accumulation.
 """
 
-from .compression import CompressionConfig, CompressionReport, compress, compression_report
+from .compression import CompressionConfig, CompressionReport, compress, compression_report, decompress
 from .compression.serialization import register as register_d2moe
 from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, SparseDelta
@@ -39,6 +39,7 @@ __all__ = [
     "compress",
     "compression_report",
     "convert_to_moe",
+    "decompress",
     "export_moe",
     "parameter_report",
 ]

@@ -1,7 +1,8 @@
 """`parameter_report`: parameters a DeRS model adds to its dense model, per layer and in total.
 
 Counts follow the DeRS paper: added = router + deltas (sparse deltas: values only; indices are reported separately
-as index storage) + the extra per-expert bias copies (E - 1 per biased matrix, E = experts incl. the universal one).
+as index storage; k-bit quantized deltas: 16-bit equivalents, values x k / 16, their scales listed apart) + the
+extra per-expert bias copies (E - 1 per biased matrix, E = experts incl. the universal one).
 A vanilla (``delta_type="full"``) layer adds E - 1 full copies: the first copy stands in for the dense matrix. The
 trainable base copy (``train_base``) replaces the dense FFN, so it is not "added"; it is counted in ``stored``, what
 the training-time model holds in memory (dense model + every adapter tensor). Everything is computed from shapes, so
@@ -29,6 +30,7 @@ class LayerReport:
     index_bytes: int
     trainable: int
     dense: int = 0
+    scales: int = 0  # quantized deltas' scales: stored, listed apart from the added parameters (paper counting)
 
     @property
     def added(self) -> int:
@@ -68,6 +70,11 @@ class ParameterReport:
         return sum(layer.index_entries for layer in self.layers)
 
     @property
+    def scale_params(self) -> int:
+        """Scales of quantized deltas (not in ``added_params``, as the DeRS appendix counts k-bit deltas)."""
+        return sum(layer.scales for layer in self.layers)
+
+    @property
     def index_bytes(self) -> int:
         return sum(layer.index_bytes for layer in self.layers)
 
@@ -81,6 +88,7 @@ class ParameterReport:
             "stored_params": self.stored_params,
             "index_entries": self.index_entries,
             "index_bytes": self.index_bytes,
+            "scale_params": self.scale_params,
             "layers": [{**layer.__dict__, "added": layer.added, "total": layer.total} for layer in self.layers],
         }
 
@@ -102,6 +110,8 @@ class ParameterReport:
             f"parameters held in memory:   {self.stored_params:,}",
             f"sparse index storage:        {self.index_entries:,} entries, {self.index_bytes:,} bytes",
         ]
+        if self.scale_params:
+            rows.append(f"quantization scales:         {self.scale_params:,} (stored, not in the added parameters)")
         return "\n".join(rows)
 
 
@@ -133,6 +143,7 @@ def _layer_report(name: str, layer: DeRSLayer, adapter: str) -> LayerReport:
         index_bytes=index_bytes,
         trainable=trainable,
         dense=sum(p.numel() for p in layer.base_layer.parameters()),
+        scales=sum(d.num_scale_params() for d in deltas.values()),
     )
 
 

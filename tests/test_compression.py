@@ -324,7 +324,8 @@ def test_added_params_and_bytes_follow_the_paper_and_the_tensors(tmp_path):
         small = compress(moe, cfg)
         small.save_pretrained(tmp_path / cfg.method)
         report = ders_peft.compression_report(small, uncompressed=moe, saved_dir=tmp_path / cfg.method)
-        assert report.added_params == added
+        assert report.added_params == added == ders_peft.parameter_report(small).added_params
+        assert ders_peft.parameter_report(small).scale_params == report.scale_params
         by_kind = report.compressed
         if cfg.method == "dare":
             assert by_kind["delta_values"] == by_kind["delta_indices"] == 2 * n * 3 * kept_count(32 * 48, 0.9) * 4
@@ -339,24 +340,24 @@ def test_added_params_and_bytes_follow_the_paper_and_the_tensors(tmp_path):
         assert report.experts_bytes < report.uncompressed["experts"]
 
 
-def test_report_of_a_large_configuration_on_the_meta_device():
+def test_report_of_a_large_configuration_on_the_meta_device(tmp_path):
     """A 1.6B-parameter configuration (StableLM-2-1.6B sizes, Llama layout) compressed at drop 0.9 is countable
-    without memory: the model is built on the meta device from the adapter config alone."""
+    without memory: the model is rebuilt on the meta device from a saved compressed adapter's config alone."""
     from accelerate import init_empty_weights
+    from peft import PeftConfig
 
+    DeRSConfig(
+        num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9, train_base=False, target_modules=["mlp"],
+        layers_to_transform=list(range(0, 24, 2)), compression={"method": "dare", "drop_rate": 0.9},
+    ).save_pretrained(tmp_path)  # fmt: skip
     cfg = transformers.LlamaConfig(
         vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32
     )
     with init_empty_weights():
-        base = transformers.LlamaForCausalLM(cfg)
-        model = get_peft_model(
-            base,
-            DeRSConfig(
-                num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9, train_base=False,
-                target_modules=["mlp"], layers_to_transform=list(range(0, 24, 2)),
-            ),
-        )  # fmt: skip
+        model = get_peft_model(transformers.LlamaForCausalLM(cfg), PeftConfig.from_pretrained(tmp_path))
+    assert next(model.parameters()).device.type == "meta"
     report = ders_peft.compression_report(model)
+    assert report.method == {"method": "dare", "drop_rate": 0.9}
     p = 12 * 3 * 2048 * 5632  # one FFN's parameters over the 12 upcycled blocks
     assert report.added_params == 4 * 12 * 3 * kept_count(2048 * 5632, 0.9) + 12 * 4 * 2048
     assert abs(report.added_params - 0.1 * 4 * p) / (0.4 * p) < 0.01  # the paper's N P (1 - p)

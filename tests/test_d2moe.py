@@ -185,6 +185,9 @@ def test_save_and_fresh_process_load(tmp_path):
     small.save_pretrained(tmp_path / "d2")
     saved = json.loads((tmp_path / "d2" / "config.json").read_text())
     assert saved["quantization_config"]["quant_method"] == "ders_d2moe"
+    assert saved["model_type"] == "ders_d2moe_qwen2_moe"
+    card = (tmp_path / "d2" / "README.md").read_text()
+    assert "import ders_peft" in card and "removed" in card and "base_prune" in card
     torch.save({"ids": IDS, "want": _logits(small)}, tmp_path / "check.pt")
     code = textwrap.dedent(
         f"""

@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 
 from .. import ffn
 from ..config import DeRSConfig
-from ..deltas import Delta, QuantizedDelta, SparseDelta, UniversalFullDelta
+from ..deltas import Delta, UniversalFullDelta
 from ..layer import DeRSLayer
 from .config import CompressionConfig
+from .quantize import quantize_into
 from .sources import ExpertBlock, MoESource, read_source
-from .sparsify import dare, magnitude
+from .sparsify import sparsify_into
 
 
 def compress(
@@ -137,24 +138,13 @@ def _fill_layer(layer: DeRSLayer, block: ExpertBlock, config: CompressionConfig)
             holder.weight.copy_(bias)
 
 
+COMPRESSORS = {"dare": sparsify_into, "magnitude": sparsify_into, "quantize": quantize_into}
+"""``method`` -> compressor ``(target delta module, delta (E, out, in) fp32, config, generator)``: one module each."""
+
+
 def write_delta(target: Delta, delta: torch.Tensor, config: CompressionConfig, generator: torch.Generator) -> None:
     """Compress ``delta`` ``(E, out, in)`` (fp32) by ``config.method`` into the DeRS delta module ``target``."""
-    if config.method == "quantize":
-        if not isinstance(target, QuantizedDelta):
-            raise TypeError(f"quantization writes a QuantizedDelta, got {type(target).__name__}")
-        target.load_dense_(delta / target.scale)
-        return
-    if not isinstance(target, SparseDelta):
-        raise TypeError(f"{config.method} writes a SparseDelta, got {type(target).__name__}")
-    if config.method == "dare":
-        values, indices = dare(delta, config.drop_rate, generator)
-    else:
-        values, indices = magnitude(delta, config.drop_rate)
-    if values.shape != target.weight.shape:
-        shapes = f"{tuple(values.shape)} entries, the layer holds {tuple(target.weight.shape)}"
-        raise RuntimeError(f"sparsifier kept {shapes}")
-    target.weight.copy_(values / target.scale)
-    target.indices.copy_(indices)
+    COMPRESSORS[config.method](target, delta, config, generator)
 
 
 @torch.no_grad()

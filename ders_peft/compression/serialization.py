@@ -85,6 +85,45 @@ class D2MoEQuantizer(HfQuantizer):
 
 
 MODEL_TYPE_PREFIX = "ders_d2moe_"
+
+
+def model_card(model) -> str:
+    """README.md of a saved D2-MoE model: how it was made, what it stores, how to load it."""
+    from .d2moe import stored_expert_params
+
+    q = model.config.quantization_config
+    counts = stored_expert_params(model)
+    removed = 1 - counts["compressed"] / max(1, counts["original"])
+    source = getattr(type(model), "_d2moe_source", type(model)).__name__
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(q.settings.items()))
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- mixture-of-experts\n- ders\n- d2-moe\n- compression\n---\n\n"
+        f"# D2-MoE-compressed {source}\n\n"
+        "Made with `ders_peft` (D2-MoE: a base merged from each block's experts plus low-rank per-expert deltas; "
+        "the MoE's own routers, shared experts and other weights are unchanged).\n\n"
+        "## Loading\n\n```python\nimport ders_peft  # registers the ders_d2moe model types with transformers\n"
+        "from transformers import AutoModelForCausalLM\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("<this directory>")\n```\n\n'
+        "Without `import ders_peft` transformers stops with an unknown model type. "
+        "`ders_peft.decompress(model)` gives back a standard "
+        f"`{source}` (experts synthesised) for engines that know only standard checkpoints.\n\n"
+        f"## Compression\n\n| setting | value |\n|---|---|\n{rows}\n"
+        f"| routed-expert parameters stored | {counts['compressed']:,} of {counts['original']:,} "
+        f"({removed:.1%} removed) |\n"
+    )
+
+
+class _SavesCard:
+    """Mixin of the D2-MoE model classes: ``save_pretrained`` also writes the model card."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        import os
+
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as f:
+                f.write(model_card(self))
+        return out
 _CLASSES: dict[str, tuple[type, type]] = {}  # source model_type -> (config subclass, model subclass)
 
 
@@ -98,7 +137,7 @@ def _classes(model_type: str) -> tuple[type, type]:
         base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
         name = MODEL_TYPE_PREFIX + model_type
         config_cls = type(f"DeRSD2{base_config.__name__}", (base_config,), {"model_type": name})
-        model_cls = type(f"DeRSD2{base_model.__name__}", (base_model,), {"config_class": config_cls})
+        model_cls = type(f"DeRSD2{base_model.__name__}", (_SavesCard, base_model), {"config_class": config_cls})
         model_cls._d2moe_source = base_model
         AutoConfig.register(name, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..deltas import Delta, SparseDelta
+
 
 def kept_count(numel: int, drop_rate: float) -> int:
     """Entries kept per expert matrix (the same rule as :class:`ders_peft.deltas.SparseDelta`)."""
@@ -36,3 +38,20 @@ def magnitude(delta: torch.Tensor, drop_rate: float) -> tuple[torch.Tensor, torc
     flat = delta.reshape(num_experts, numel)
     idx = flat.abs().topk(nnz, dim=1, sorted=False).indices.sort(dim=1).values
     return flat.gather(1, idx), idx.to(torch.int32)
+
+
+def sparsify_into(target: Delta, delta: torch.Tensor, config, generator: torch.Generator) -> None:
+    """Write ``delta`` ``(E, out, in)`` sparsified by ``config.method`` (``"dare"``/``"magnitude"``) into the
+    :class:`SparseDelta` ``target`` (values divided by its output scale, so it computes exactly that)."""
+    if not isinstance(target, SparseDelta):
+        raise TypeError(f"{config.method} writes a SparseDelta, got {type(target).__name__}")
+    if config.method == "dare":
+        values, indices = dare(delta, config.drop_rate, generator)
+    else:
+        values, indices = magnitude(delta, config.drop_rate)
+    if values.shape != target.weight.shape:
+        shapes = f"{tuple(values.shape)} entries, the layer holds {tuple(target.weight.shape)}"
+        raise RuntimeError(f"sparsifier kept {shapes}")
+    with torch.no_grad():
+        target.weight.copy_(values / target.scale)
+        target.indices.copy_(indices)
