@@ -262,3 +262,47 @@ def test_calibration_inputs_and_errors():
     for field, value in (("ratio", 1.0), ("rank", -1), ("base_merge", "median"), ("svd", "qr"), ("base_prune", 2)):
         with pytest.raises(ValueError, match=f"CompressionConfig.{field}="):
             CompressionConfig(method="d2moe", **{field: value})
+
+
+def test_share_v_shares_one_v_and_reproduces_at_full_rank():
+    moe = tiny_model("olmoe")
+    small = compress(moe, CompressionConfig(method="d2moe", rank=10_000, share_v=True), calibration=CALIB)
+    torch.testing.assert_close(_logits(small), _logits(moe), atol=1e-5, rtol=0)
+    experts = small.model.layers[0].mlp.experts
+    for delta in experts.deltas.values():
+        assert delta.shared_a and delta.lora_a.weight.shape[0] == delta.ranks[0]
+    at_40 = compress(moe, CompressionConfig(method="d2moe", ratio=0.4, share_v=True), calibration=CALIB)
+    counts = stored_expert_params(at_40)
+    assert 1 - counts["compressed"] / counts["original"] >= 0.4
+    plain_40 = compress(moe, CompressionConfig(method="d2moe", ratio=0.4), calibration=CALIB)
+    ranks = (at_40.model.layers[0].mlp.experts.ranks, plain_40.model.layers[0].mlp.experts.ranks)
+    assert ranks[0]["gate_proj"][0] > ranks[1]["gate_proj"][0]  # one V for all: the budget buys a higher rank
+
+
+def test_trimmed_experts_compute_the_base_alone():
+    moe = tiny_model("mixtral")
+    counts = _router_choices(moe, calibration_batches(CALIB))
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=0.2, trim_experts=2), calibration=CALIB)
+    for idx, layer in enumerate(small.model.layers):
+        experts = layer.mlp.experts
+        least = set(counts[idx].argsort()[:2].tolist())
+        for proj, ranks in experts.ranks.items():
+            assert {e for e, r in enumerate(ranks) if r == 0} == least, proj
+        weights = experts.expert_weights()
+        for e in least:
+            torch.testing.assert_close(weights["gate_proj"][e], experts.base_gate)
+    full = compress(moe, CompressionConfig(method="d2moe", ratio=0.2), calibration=CALIB)
+    assert stored_expert_params(small)["compressed"] < stored_expert_params(full)["compressed"]
+    with pytest.raises(ValueError, match="trim_experts=4 is invalid"):
+        compress(moe, CompressionConfig(method="d2moe", trim_experts=4), calibration=CALIB)
+
+
+def test_adaptive_ranks_keep_the_budget_and_reload(tmp_path):
+    moe = tiny_model("mixtral")
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=0.4, adaptive_ranks=True), calibration=CALIB)
+    fixed = compress(moe, CompressionConfig(method="d2moe", ratio=0.4), calibration=CALIB)
+    a, b = stored_expert_params(small), stored_expert_params(fixed)
+    assert abs(a["compressed"] - b["compressed"]) <= 0.02 * b["compressed"]
+    small.save_pretrained(tmp_path / "ad")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ad").eval()
+    torch.testing.assert_close(_logits(again), _logits(small), atol=0, rtol=0)

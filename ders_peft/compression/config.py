@@ -50,6 +50,10 @@ class CompressionConfig:
             (by ``||W[:, j]|| * ||X_j||`` on calibration data, not stored) and half per batch (dynamic).
         adaptive_ranks: ``"d2moe"``: spread the rank budget over layers by their delta energy (appendix A.7)
             instead of one rank per matrix kind everywhere.
+        share_v: ``"d2moe"``: one ``V`` per matrix shared by all experts (ShareV: the stacked deltas' SVD), each
+            expert keeping its own ``U``; the saved budget buys a higher rank.
+        trim_experts: ``"d2moe"``: per layer, drop the deltas of this many least-used experts (by calibration router
+            frequency): they compute the base alone. Removes more than ``ratio``; the achieved share is reported.
     """
 
     method: Literal["dare", "magnitude", "quantize"] = "dare"
@@ -64,6 +68,8 @@ class CompressionConfig:
     svd: Literal["whitened", "plain"] = "whitened"
     base_prune: float = 0.0
     adaptive_ranks: bool = False
+    share_v: bool = False
+    trim_experts: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,14 +98,20 @@ class CompressionConfig:
             raise _bad("base_merge", self.base_merge, f"allowed values are {BASE_MERGES}")
         if self.svd not in SVD_KINDS:
             raise _bad("svd", self.svd, f"allowed values are {SVD_KINDS}")
-        if not isinstance(self.adaptive_ranks, bool):
-            raise _bad("adaptive_ranks", self.adaptive_ranks, "must be True or False")
+        for name in ("adaptive_ranks", "share_v"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "must be True or False")
+        trim = self.trim_experts
+        if isinstance(trim, bool) or not isinstance(trim, int) or trim < 0:
+            raise _bad("trim_experts", trim, "must be an integer >= 0 (experts per layer whose delta is dropped)")
+        if self.share_v and (trim or self.adaptive_ranks):
+            raise _bad("share_v", True, "cannot be combined with trim_experts or adaptive_ranks (one V per matrix)")
 
     def describe(self) -> dict:
         """The settings that matter for ``method`` (recorded in the adapter's config)."""
         keep = {"method", "compress_shared"}
         if self.method == "d2moe":
-            keep = {"method", "base_merge", "svd", "base_prune", "adaptive_ranks"}
+            keep = {"method", "base_merge", "svd", "base_prune", "adaptive_ranks", "share_v", "trim_experts"}
             keep |= {"rank"} if self.rank is not None else {"ratio"}
         elif self.method == "quantize":
             keep |= {"bits", "group_size"}

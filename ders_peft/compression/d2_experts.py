@@ -17,26 +17,29 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..deltas import LowRankDelta
 from ..grouped_path import grouped_routed_ffn
 from ..routing import RoutingPlan
+from .d2_deltas import FlexLowRankDelta
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 class D2Experts(nn.Module):
-    """Base ``gate``/``up`` ``(I, H)``, base ``down`` ``(H, I_kept)`` and low-rank deltas (:class:`LowRankDelta`,
-    ``B_e A_e`` with ``B_e = U_e``, ``A_e = V_e``) of ``num_experts`` SwiGLU experts."""
+    """Base ``gate``/``up`` ``(I, H)``, base ``down`` ``(H, I_kept)`` and low-rank deltas
+    (:class:`~.d2_deltas.FlexLowRankDelta`, ``B_e A_e`` with ``B_e = U_e``, ``A_e = V_e``) of ``num_experts`` SwiGLU
+    experts. ``ranks`` maps each projection to one rank or a list of per-expert ranks (0: that expert's delta is
+    trimmed); ``share_v`` gives each projection one ``V`` shared by all experts (ShareV)."""
 
     def __init__(
         self,
         num_experts: int,
         hidden_size: int,
         intermediate_size: int,
-        ranks: dict[str, int],
+        ranks: dict[str, int | list[int]],
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         kept_channels: int | None = None,
         dynamic_prune: int = 0,
+        share_v: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -57,31 +60,28 @@ class D2Experts(nn.Module):
         self.register_buffer("base_keep", torch.arange(kept, device=device))
         shapes = {"gate_proj": (intermediate_size, hidden_size), "up_proj": (intermediate_size, hidden_size)}
         shapes["down_proj"] = (hidden_size, intermediate_size)
+        per_expert = {p: [r] * num_experts if isinstance(r, int) else list(r) for p, r in ranks.items()}
+        self.share_v = share_v
         self.deltas = nn.ModuleDict(
-            {p: LowRankDelta(num_experts, *shapes[p], rank=ranks[p], **fk) for p in PROJS}
+            {p: FlexLowRankDelta(num_experts, *shapes[p], per_expert[p], shared_a=share_v, **fk) for p in PROJS}
         )
-        for delta in self.deltas.values():
-            if delta.lora_a.weight.device.type != "meta":
-                nn.init.zeros_(delta.lora_a.weight)
 
     @property
-    def ranks(self) -> dict[str, int]:
-        return {p: d.rank for p, d in self.deltas.items()}
+    def ranks(self) -> dict[str, list[int]]:
+        return {p: list(d.ranks) for p, d in self.deltas.items()}
 
     @torch.no_grad()
-    def load_(self, base: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-              keep: torch.Tensor | None = None) -> D2Experts:  # fmt: skip
-        """Fill from ``base`` (projection -> ``(out, in)``), ``factors`` (projection -> ``U`` ``(E, out, r)``, ``V``
-        ``(E, r, in)``) and the kept intermediate channels of the base down projection."""
+    def load_(self, base: dict[str, torch.Tensor], factors: dict[str, tuple], keep: torch.Tensor | None = None):
+        """Fill from ``base`` (projection -> ``(out, in)``), ``factors`` (projection -> per-expert ``U_e`` ``(out,
+        r_e)`` and ``V_e`` ``(r_e, in)``, or with ``share_v`` one ``V`` ``(r, in)``) and the kept intermediate
+        channels of the base down projection; returns ``self``."""
         self.base_gate.copy_(base["gate_proj"])
         self.base_up.copy_(base["up_proj"])
         keep = torch.arange(self.intermediate_size) if keep is None else keep.sort().values
         self.base_keep.copy_(keep)
         self.base_down.copy_(base["down_proj"][:, keep])
         for proj, (u, v) in factors.items():
-            delta = self.deltas[proj]
-            delta.lora_b.weight.copy_(u.permute(1, 0, 2).reshape(delta.out_features, -1))
-            delta.lora_a.weight.copy_(v.reshape(-1, delta.in_features))
+            self.deltas[proj].load_(u, v)
         return self
 
     def base_down_full(self) -> torch.Tensor:

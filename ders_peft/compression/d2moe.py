@@ -23,7 +23,7 @@ from .config import CompressionConfig
 from .d2_experts import PROJS, D2Experts
 from .merging import merge_base
 from .moe_blocks import MoEBlockInfo, find_moe_blocks
-from .svd import adaptive_ranks, rank_for_ratio, truncated_svd, whitened_svd
+from .svd import adaptive_ranks, rank_for_ratio, shared_v_rank, shared_v_svd, truncated_svd, whitened_svd
 
 DEFAULT_CALIBRATION_LENGTH = 256
 
@@ -89,11 +89,12 @@ def _ranks(blocks, bases, config: CompressionConfig, kept: dict[int, int]) -> di
         out[idx] = {}
         for proj, w in _matrices(info).items():
             e, rows, cols = w.shape
-            if config.rank is not None:
-                out[idx][proj] = min(config.rank, rows, cols)
+            if config.rank is not None:  # the largest useful rank: a shared V spans the stacked deltas' rows
+                out[idx][proj] = min(config.rank, e * rows if config.share_v else rows, cols)
                 continue
             fraction = kept[idx] / info.intermediate_size if proj == "down_proj" else 1.0
-            out[idx][proj] = rank_for_ratio(e, rows, cols, config.ratio, base_fraction=fraction)
+            rank_of = shared_v_rank if config.share_v else rank_for_ratio
+            out[idx][proj] = rank_of(e, rows, cols, config.ratio, base_fraction=fraction)
     if config.adaptive_ranks and config.rank is None and len(blocks) > 1:
         for proj in PROJS:
             energy = [float((_matrices(blocks[i])[proj] - bases[i][proj]).norm()) for i in blocks]
@@ -122,9 +123,16 @@ def d2moe_compress(
     class whose MoE blocks hold :class:`D2Experts` (a copy unless ``inplace``). The compression ratio is the share of
     the MoE's routed-expert parameters removed (shared experts and routers are kept whole and not counted).
     """
+    blocks = find_moe_blocks(model)
+    few = min(info.num_experts for info in blocks.values())
+    if config.trim_experts >= few:
+        raise ValueError(
+            f"CompressionConfig.trim_experts={config.trim_experts} is invalid: a layer has only {few} experts "
+            f"(allowed: 0..{few - 1})."
+        )
     if not inplace:
         model = copy.deepcopy(model)
-    blocks = find_moe_blocks(model)
+        blocks = find_moe_blocks(model)
     batches = calibration_batches(calibration, tokenizer, batch_size=batch_size, max_length=max_length)
     need_mid = config.svd == "whitened" or config.base_prune > 0
     with torch.enable_grad():
@@ -144,19 +152,26 @@ def d2moe_compress(
     layers_cfg = {}
     for idx, info in tqdm(blocks.items(), desc="d2moe: SVD of the deltas", unit="block", disable=not progress):
         st, base = stats[idx], bases[idx]
+        trimmed = set(st.frequency.argsort()[: config.trim_experts].tolist())  # least-used experts: no delta
+        per_expert = {p: [0 if e in trimmed else r for e in range(info.num_experts)] for p, r in ranks[idx].items()}
         factors = {}
         for proj, w in _matrices(info).items():
             gram = st.gram_in if proj != "down_proj" else st.gram_mid
+            deltas = w - base[proj]
+            if config.share_v:
+                total = gram.sum(0) if config.svd == "whitened" else None
+                u, v = shared_v_svd(deltas, total, ranks[idx][proj])
+                factors[proj] = (u.float(), v.float())
+                continue
             us, vs = [], []
-            for e in range(w.shape[0]):
-                delta = w[e] - base[proj]
+            for e, rank in enumerate(per_expert[proj]):
                 if config.svd == "whitened":
-                    u, v = whitened_svd(delta, gram[e], ranks[idx][proj])
+                    u, v = whitened_svd(deltas[e], gram[e], rank)
                 else:
-                    u, v = truncated_svd(delta, ranks[idx][proj])
+                    u, v = truncated_svd(deltas[e], rank)
                 us.append(u.float())
                 vs.append(v.float())
-            factors[proj] = (torch.stack(us), torch.stack(vs))
+            factors[proj] = (us, vs)
         keep = None
         if static[idx]:
             score = base["down_proj"].norm(dim=0) * _channel_norms(st).float()
@@ -164,11 +179,14 @@ def d2moe_compress(
         dynamic = round(info.intermediate_size * config.base_prune) - static[idx]
         dtype = info.gate_up_param.dtype
         experts = D2Experts(
-            info.num_experts, info.hidden_size, info.intermediate_size, ranks[idx], info.act_fn,
-            kept_channels=kept[idx], dynamic_prune=dynamic, dtype=torch.float32, device=info.gate.device,
+            info.num_experts, info.hidden_size, info.intermediate_size, per_expert, info.act_fn,
+            kept_channels=kept[idx], dynamic_prune=dynamic, share_v=config.share_v, dtype=torch.float32,
+            device=info.gate.device,
         ).load_(base, factors, keep)  # fmt: skip
         info.block.experts = experts.to(dtype)
-        layers_cfg[str(idx)] = {"ranks": ranks[idx], "kept_channels": kept[idx], "dynamic_prune": dynamic}
+        layers_cfg[str(idx)] = {
+            "ranks": per_expert, "kept_channels": kept[idx], "dynamic_prune": dynamic, "share_v": config.share_v
+        }
     _record(model, config, layers_cfg, stats)
     return model.eval()
 

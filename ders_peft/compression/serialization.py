@@ -25,8 +25,9 @@ QUANT_METHOD = "ders_d2moe"
 
 class D2MoEQuantizationConfig(QuantizationConfigMixin):
     """What a D2-MoE checkpoint needs to rebuild its compressed experts: ``layers`` maps a decoder-layer index (as a
-    string) to ``{"ranks": {proj: r}, "kept_channels": int, "dynamic_prune": int}``; ``settings`` records how it was
-    compressed (informational); ``starved_experts`` the experts that got too few calibration tokens."""
+    string) to ``{"ranks": {proj: [r_e]}, "kept_channels": int, "dynamic_prune": int, "share_v": bool}``;
+    ``settings`` records how it was compressed (informational); ``starved_experts`` the experts that got too few
+    calibration tokens."""
 
     def __init__(self, layers: dict | None = None, settings: dict | None = None, starved_experts=None, **kwargs):
         self.quant_method = QUANT_METHOD
@@ -68,8 +69,8 @@ class D2MoEQuantizer(HfQuantizer):
             gate_up = old.gate_up_proj
             block.experts = D2Experts(
                 gate_up.shape[0], gate_up.shape[2], gate_up.shape[1] // 2, spec["ranks"], old.act_fn,
-                kept_channels=spec["kept_channels"], dynamic_prune=spec["dynamic_prune"], dtype=gate_up.dtype,
-                device=gate_up.device,
+                kept_channels=spec["kept_channels"], dynamic_prune=spec["dynamic_prune"],
+                share_v=spec.get("share_v", False), dtype=gate_up.dtype, device=gate_up.device,
             )  # fmt: skip
         return model
 

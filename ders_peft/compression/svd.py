@@ -157,3 +157,34 @@ def adaptive_ranks(sensitivity: Sequence[float], mean_rank: int, max_rank: int) 
     for i in order[: mean_rank * n - sum(floors)]:
         floors[i] += 1
     return floors
+
+
+def shared_v_svd(
+    deltas: torch.Tensor,
+    gram: torch.Tensor | None,
+    rank: int,
+    *,
+    damping: float = DEFAULT_DAMPING,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ShareV: one ``V`` (r, in) for every expert and a ``U_e`` (out, r) each, from the SVD of the experts' deltas
+    stacked row-wise ``[Delta_1; ...; Delta_E]`` (E*out, in), whitened by the Cholesky factor of ``gram`` (the
+    experts' input Grams summed; ``None``: plain). Returns ``U`` (E, out, r), ``V`` (r, in) in ``deltas``' dtype."""
+    e, out, n = deltas.shape
+    stacked = deltas.reshape(e * out, n)
+    if gram is None:
+        u, v = truncated_svd(stacked, rank, compute_dtype=compute_dtype)
+    else:
+        u, v = whitened_svd(stacked, gram, rank, damping=damping, compute_dtype=compute_dtype)
+    return u.reshape(e, out, -1), v
+
+
+def shared_v_rank(num_experts: int, out_features: int, in_features: int, ratio: float, base_fraction: float) -> int:
+    """Largest ShareV rank removing ``ratio`` of the experts' parameters: the base, ``E * r * out`` for the U's and
+    ``r * in`` for the one V: r = floor(((1 - ratio) E m - base_fraction m) / (E out + in)), clamped."""
+    m = out_features * in_features
+    budget = (1.0 - ratio) * num_experts * m - base_fraction * m
+    if budget < -1e-9 * m:
+        raise ValueError(f"ratio {ratio} is unreachable with {num_experts} experts (the base alone keeps more)")
+    rank = math.floor(budget / (num_experts * out_features + in_features) + 1e-9)
+    return max(0, min(rank, out_features, in_features))
