@@ -372,3 +372,17 @@ def test_quantized_deltas_have_no_dense_expert_tensor_in_state():
             assert isinstance(delta, QuantizedDelta)
             assert delta.codes.dtype == torch.uint8
             assert delta.codes.numel() == delta.num_experts * delta.out_features * -(-delta.in_features * 2 // 8)
+
+
+def test_modules_the_moe_trained_as_modules_to_save_are_carried():
+    dense = tiny_model("llama")
+    cfg = DeRSConfig(num_experts=4, top_k=2, delta_type="full", modules_to_save=["lm_head"])
+    moe = get_peft_model(copy.deepcopy(dense), cfg).eval()
+    randomize_adapter(moe, std=0.05)
+    with torch.no_grad():
+        moe.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.2)
+    small = compress(moe, CompressionConfig(method="dare", drop_rate=0.0))
+    assert small.peft_config["default"].modules_to_save == ["lm_head"]
+    torch.testing.assert_close(_logits(small), _logits(moe), atol=1e-5, rtol=0)
+    report = ders_peft.compression_report(small)
+    assert report.compressed["carried"] == dense.lm_head.weight.numel() * 4
