@@ -227,6 +227,14 @@ def _per_slot_experts(layer, adapter: str, experts, idx: torch.Tensor, w: torch.
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
+def _slot_positions(delta, flat_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output rows and input columns (int64) of each slot's expert, from the stored int32 indices: computed per call
+    (a few slots) rather than cached for every expert, which would hold 16 bytes per kept entry for the model's
+    life."""
+    flat = delta.indices.index_select(0, flat_idx).long()
+    return flat // delta.in_features, flat % delta.in_features
+
+
 def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     lay = layer.layout
     T, S = idx.shape
@@ -236,7 +244,7 @@ def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor,
     pres = []
     for name, weight in zip(lay.in_projs, weights[:-1], strict=True):
         delta = deltas[name]
-        rows, cols = (t.index_select(0, flat_idx) for t in delta.positions())  # (T*S, nnz)
+        rows, cols = _slot_positions(delta, flat_idx)  # (T*S, nnz)
         values = delta.weight.index_select(0, flat_idx)
         if delta.scale != 1.0:
             values = values * delta.scale
@@ -248,7 +256,7 @@ def _sparse(layer, adapter, deltas, weights, idx: torch.Tensor, w: torch.Tensor,
         pres.append(pre)
     h = _activate(pres, _plain(ffn.activation(layer.base_layer, lay)), lay.gated)  # (T*S, I)
     delta = deltas[lay.out_proj]
-    rows, cols = (t.index_select(0, flat_idx) for t in delta.positions())
+    rows, cols = _slot_positions(delta, flat_idx)
     values = delta.weight.index_select(0, flat_idx) * w.reshape(-1, 1)  # router weight folded into the values
     if delta.scale != 1.0:
         values = values * delta.scale

@@ -32,36 +32,34 @@ deltas use sparse CSR matrix products (measured on 1024 x 512 x 1408, one thread
 
 @dataclass(frozen=True)
 class _CSRLayout:
-    """Per expert, the CSR structure of ``Delta_e`` ``(out, in)`` and of its transpose, and the permutations that put
-    the values (stored in the order of the fixed indices) into each structure's row-major order."""
+    """Per expert, the CSR structure of ``Delta_e`` ``(out, in)`` (or of its transpose) and the permutation that puts
+    the values (stored in the order of the fixed indices) into the structure's row-major order."""
 
     crow: list[torch.Tensor]
     col: list[torch.Tensor]
     perm: list[torch.Tensor | None]  # None: the values are already in row-major order (indices sorted at creation)
-    crow_t: list[torch.Tensor]
-    col_t: list[torch.Tensor]
-    perm_t: list[torch.Tensor]
 
 
-def _csr_layout(delta: SparseDelta) -> _CSRLayout:
-    """Built once per index buffer; int32 throughout (as small as the stored indices), no int64 position arrays."""
+def _csr_layout(delta: SparseDelta, transpose: bool = False) -> _CSRLayout:
+    """Built once per index buffer and direction (the transpose only when a backward pass needs it, so inference
+    holds one layout); int32 throughout (as small as the stored indices), no int64 position arrays."""
     out_f, in_f = delta.out_features, delta.in_features
 
     def build(flat: torch.Tensor) -> _CSRLayout:
-        parts: dict[str, list] = {k: [] for k in ("crow", "col", "perm", "crow_t", "col_t", "perm_t")}
+        parts: dict[str, list] = {"crow": [], "col": [], "perm": []}
         for e in range(flat.shape[0]):
             rows, cols = flat[e] // in_f, flat[e] % in_f
-            for suffix, major, minor, size in (("", rows, cols, out_f), ("_t", cols, rows, in_f)):
-                perm = torch.argsort(major * (in_f + out_f) + minor)
-                crow = torch.zeros(size + 1, dtype=torch.int32, device=flat.device)
-                crow[1:] = torch.bincount(major, minlength=size).cumsum(0)
-                parts["crow" + suffix].append(crow)
-                parts["col" + suffix].append(minor[perm].to(torch.int32))
-                ordered = suffix == "" and bool((perm == torch.arange(perm.numel(), device=perm.device)).all())
-                parts["perm" + suffix].append(None if ordered else perm.to(torch.int32))
+            major, minor, size = (cols, rows, in_f) if transpose else (rows, cols, out_f)
+            perm = torch.argsort(major * (in_f + out_f) + minor)
+            crow = torch.zeros(size + 1, dtype=torch.int32, device=flat.device)
+            crow[1:] = torch.bincount(major, minlength=size).cumsum(0)
+            parts["crow"].append(crow)
+            parts["col"].append(minor[perm].to(torch.int32))
+            ordered = bool((perm == torch.arange(perm.numel(), device=perm.device)).all())
+            parts["perm"].append(None if ordered else perm.to(torch.int32))
         return _CSRLayout(**parts)
 
-    return delta._from_indices("csr", build)
+    return delta._from_indices("csr_t" if transpose else "csr", build)
 
 
 def _in_order(values: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -113,11 +111,12 @@ class SparseOp(ExpertOp):
     out_features: int
     in_features: int
     csr: _CSRLayout | None  # CSR mode
+    delta: SparseDelta | None = None  # CSR mode: where the transposed layout is built, when backward needs it
 
     @classmethod
     def of(cls, delta: SparseDelta) -> SparseOp:
         if delta.density > GATHER_DENSITY:
-            return cls(None, None, delta.out_features, delta.in_features, _csr_layout(delta))
+            return cls(None, None, delta.out_features, delta.in_features, _csr_layout(delta), delta)
         rows, cols = delta.positions()
         return cls(rows, cols, delta.out_features, delta.in_features, None)
 
@@ -126,9 +125,10 @@ class SparseOp(ExpertOp):
         return (delta.weight * delta.scale if delta.scale != 1.0 else delta.weight,)
 
     def _matrix(self, e: int, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        c = self.csr
         if transpose:
-            return _csr(c.crow_t[e], c.col_t[e], _in_order(values, c.perm_t[e]), (self.in_features, self.out_features))
+            c = _csr_layout(self.delta, transpose=True)
+            return _csr(c.crow[e], c.col[e], _in_order(values, c.perm[e]), (self.in_features, self.out_features))
+        c = self.csr
         return _csr(c.crow[e], c.col[e], _in_order(values, c.perm[e]), (self.out_features, self.in_features))
 
     def add_product(self, e, inp, params, out) -> None:

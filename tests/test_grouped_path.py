@@ -205,3 +205,22 @@ def test_indices_in_any_order(density, monkeypatch):
     torch.testing.assert_close(y_shuffled, reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
     for a, b, perm in zip(g_shuffled, g_sorted, perms, strict=True):
         torch.testing.assert_close(a, b.gather(1, perm), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_builds_no_transposed_layout_and_decode_caches_no_positions():
+    """Memory of a sparse model in generation: a no-grad call (prefill) builds only the forward CSR layout, decode
+    caches no int64 positions; the transposed layout appears with the first backward."""
+    model = get_peft_model(
+        tiny_model("llama"), ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9)
+    )
+    randomize_adapter(model, std=0.1)
+    delta = ders_layers(model)[1].ders_delta["default"]["up_proj"]  # block 1: its input needs a gradient
+    assert delta.density > grouped_path.GATHER_DENSITY  # CSR mode
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        model(input_ids=ids)  # 40 tokens: the grouped path
+        model(input_ids=ids[:, :3])  # 6 tokens: the decode path
+    cache = delta.__dict__.get("_index_cache", {})
+    assert "csr" in cache and "csr_t" not in cache and "positions" not in cache
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert "csr_t" in delta.__dict__["_index_cache"]
