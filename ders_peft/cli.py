@@ -4,6 +4,10 @@
   transformers MoE checkpoint with a model card (:func:`ders_peft.export.export_moe`).
 - ``ders-peft compress --base <dense dir> (--adapter <DeRS full adapter dir> | --moe <MoE dir>) --method dare
   --drop-rate 0.9 --out <dir>``: a compressed DeRS adapter over the dense model (:func:`ders_peft.compress`).
+
+Every input directory and the destination are checked before a model is loaded; outputs are written atomically
+(:mod:`ders_peft.atomic`). A user error is one line on stderr naming the option and the file, exit status 2; an
+unexpected error exits 1 (``--debug`` shows tracebacks); see ``EPILOG``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,35 @@ import sys
 from pathlib import Path
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+EPILOG = """exit status:
+  0    success
+  2    refused input: a usage error, a bad option, a missing, corrupt or foreign file or directory (named in
+       the message), a model or adapter with no exact result, a failed export check, or a file-system error
+  1    unexpected internal error (a bug): rerun with --debug and report the traceback
+  130  interrupted (Ctrl-C); the output directory is left as it was
+Errors are one line on stderr; --debug shows the traceback."""
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from .export import ARCHITECTURES
 
-    parser = argparse.ArgumentParser(prog="ders-peft", description="DeRS Mixture-of-Experts upcycling tools.")
+    parser = argparse.ArgumentParser(
+        prog="ders-peft",
+        description="DeRS Mixture-of-Experts upcycling tools.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser(
         "export",
+        parents=[common],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write a DeRS model as a standard transformers MoE checkpoint (Mixtral / Qwen2-MoE / Qwen3-MoE)",
         description="Merge a DeRS adapter into its dense base model and save the exact standard MoE equivalent.",
     )
@@ -40,15 +63,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--dtype", choices=_DTYPES, default="auto", help="dtype to load and save the model in")
     exp.add_argument("--no-verify", action="store_true", help="skip the logit check against the DeRS model")
-    _add_compress_parser(sub)
+    _add_compress_parser(sub, common)
     return parser
 
 
-def _add_compress_parser(sub) -> None:
+def _add_compress_parser(sub, common) -> None:
     from .compression.config import BITS, METHODS
 
     com = sub.add_parser(
         "compress",
+        parents=[common],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="compress a trained vanilla-upcycled MoE into a DeRS adapter with sparse or quantized deltas",
         description="Split a trained MoE into its dense model's FFN (the shared base) plus per-expert deltas, "
         "compressed by DARE, magnitude pruning or k-bit quantization, and save it as a DeRS adapter over the dense "
@@ -79,23 +105,70 @@ def _load_tokenizer(*dirs: Path):
     return None
 
 
+def _check_model_dir(flag: str, path: Path) -> None:
+    """A local transformers model directory: a config.json object with a model_type and complete weight files."""
+    from .registration import check_safetensors
+
+    config = _read_json(flag, path, "config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise ValueError(f"--{flag}={str(path)!r} is invalid: {str(path / 'config.json')!r} has no 'model_type'.")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(flag, path, index.name).get("weight_map", {}).values()))
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise ValueError(f"--{flag}={str(path)!r} is invalid: the weight file {shard!r} is missing.")
+            check_safetensors(str(path / shard))
+    elif (path / "model.safetensors").is_file():
+        check_safetensors(str(path / "model.safetensors"))
+    elif not any((path / name).is_file() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise ValueError(
+            f"--{flag}={str(path)!r} is invalid: it has config.json but no weights (model.safetensors, "
+            "model.safetensors.index.json or pytorch_model.bin); it must be a saved model directory."
+        )
+
+
+def _read_json(flag: str, path: Path, name: str) -> dict:
+    file = path / name
+    if not file.is_file():
+        raise ValueError(f"--{flag}={str(path)!r} is invalid: it must be a local directory containing {name}.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"--{flag}={str(path)!r} is invalid: {str(file)!r} is not valid JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"--{flag}={str(path)!r} is invalid: {str(file)!r} holds a JSON {type(data).__name__}, not an object."
+        )
+    return data
+
+
+def _check_adapter_dir(path: Path) -> dict:
+    from .registration import check_adapter_dir
+
+    config = _read_json("adapter", path, "adapter_config.json")
+    if config.get("peft_type") != "DERS":
+        raise ValueError(
+            f"--adapter={str(path)!r} is invalid: its peft_type is {config.get('peft_type')!r}, expected 'DERS'."
+        )
+    check_adapter_dir(path)
+    return config
+
+
 def _export(args: argparse.Namespace) -> int:
+    base, adapter = Path(args.base), Path(args.adapter)
+    _check_model_dir("base", base)
+    adapter_cfg = _check_adapter_dir(adapter)
+    from .export import check_export_dir
+
+    check_export_dir(args.out, "--out")  # before loading anything
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from .export import export_moe
 
-    base, adapter = Path(args.base), Path(args.adapter)
-    for flag, path, marker in (("--base", base, "config.json"), ("--adapter", adapter, "adapter_config.json")):
-        if not (path / marker).is_file():
-            raise ValueError(f"{flag}={str(path)!r} is invalid: it must be a local directory containing {marker}.")
-    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
-    if adapter_cfg.get("peft_type") != "DERS":
-        raise ValueError(
-            f"--adapter={str(adapter)!r} is invalid: its peft_type is {adapter_cfg.get('peft_type')!r}, "
-            "expected 'DERS'."
-        )
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=dtype)
     model = PeftModel.from_pretrained(model, str(adapter), local_files_only=True).eval()
@@ -109,7 +182,7 @@ def _export(args: argparse.Namespace) -> int:
     )
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"wrote {arch} checkpoint to {out}")
-    return 0
+    return EXIT_OK
 
 
 def _compression_config(args: argparse.Namespace):
@@ -139,42 +212,47 @@ def _compression_config(args: argparse.Namespace):
         raise ValueError(str(err).replace("CompressionConfig.", "--").replace("_", "-")) from err
 
 
-def _new_output_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def _new_output_dir(out_dir: str) -> Path:
+    import warnings
+
+    from .atomic import check_destination, recover
+
+    out = check_destination(out_dir, "--out")
+    for action in recover(out):  # an interrupted earlier write: restore or clean up first, then check
+        warnings.warn(action, stacklevel=2)
+    if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out={str(out)!r} is invalid: it exists and is not an empty directory; choose a new one.")
+    return out
 
 
 def _compress(args: argparse.Namespace) -> int:
-    import os
-    import shutil
-    import tempfile
+    config = _compression_config(args)
+    base = Path(args.base)
+    _check_model_dir("base", base)
+    if args.adapter:
+        source = Path(args.adapter)
+        adapter_cfg = _check_adapter_dir(source)
+        if adapter_cfg.get("delta_type") != "full":
+            raise ValueError(
+                f"--adapter={str(source)!r} is invalid: it must be a DeRS adapter with delta_type 'full' (vanilla "
+                f"experts); its delta_type is {adapter_cfg.get('delta_type')!r}."
+            )
+    else:
+        source = Path(args.moe)
+        _check_model_dir("moe", source)
+    out = _new_output_dir(args.out)  # before loading anything
 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .atomic import write_dir
     from .compression import compress, compression_report
 
-    config = _compression_config(args)
-    base = Path(args.base)
-    source_flag, source = ("--adapter", Path(args.adapter)) if args.adapter else ("--moe", Path(args.moe))
-    marker = "adapter_config.json" if args.adapter else "config.json"
-    for flag, path, name in (("--base", base, "config.json"), (source_flag, source, marker)):
-        if not (path / name).is_file():
-            raise ValueError(f"{flag}={str(path)!r} is invalid: it must be a local directory containing {name}.")
-    out = Path(args.out)
-    _new_output_dir(out)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     load = {"local_files_only": True, "dtype": dtype}
     if args.adapter:
         from peft import PeftModel
 
-        adapter_cfg = json.loads((source / "adapter_config.json").read_text())
-        if adapter_cfg.get("peft_type") != "DERS" or adapter_cfg.get("delta_type") != "full":
-            raise ValueError(
-                f"--adapter={str(source)!r} is invalid: it must be a DeRS adapter with delta_type 'full' (vanilla "
-                f"experts); its peft_type is {adapter_cfg.get('peft_type')!r}, delta_type "
-                f"{adapter_cfg.get('delta_type')!r}."
-            )
         dense = AutoModelForCausalLM.from_pretrained(str(base), **load)
         moe = PeftModel.from_pretrained(dense, str(source), local_files_only=True).eval()
         small = compress(moe, config)
@@ -182,37 +260,45 @@ def _compress(args: argparse.Namespace) -> int:
         moe = AutoModelForCausalLM.from_pretrained(str(source), **load).eval()
         small = compress(moe, config, dense_model=str(base))
     small.peft_config[small.active_adapter].base_model_name_or_path = str(base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        small.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _new_output_dir(args.out)  # still new or empty after the work
+    write_dir(out, small.save_pretrained, what="--out")
     report = compression_report(small, uncompressed=moe, saved_dir=out).as_dict()
     print(
         f"wrote a DeRS {config.method} adapter to {out}: added params {report['added_params']:,}, adapter files "
         f"{report['file_bytes']:,} bytes; experts stored in {report['experts_ratio']:.1%} of the MoE's expert bytes, "
         f"whole model {report['total_ratio']:.1%}"
     )
-    return 0
+    return EXIT_OK
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text.replace("\n  ", "; ").replace("\n", " ")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ders-peft`` console script; returns the exit code (2 for refused input)."""
+    """Entry point of the ``ders-peft`` console script; returns the exit code (see ``EPILOG``)."""
     args = _build_parser().parse_args(argv)
+    run = {"export": _export, "compress": _compress}[args.command]
+    if args.debug:
+        return run(args)
+    from .export import ExportCheckError
+
     try:
-        if args.command == "export":
-            return _export(args)
-        if args.command == "compress":
-            return _compress(args)
-    except ValueError as err:
-        print(f"ders-peft {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 1
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"ders-peft {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, ExportCheckError) as err:
+        print(f"ders-peft {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        print(
+            f"ders-peft {args.command}: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug "
+            "for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -42,6 +42,35 @@ def _check_names(field_name: str, value: object) -> None:
     raise _bad(field_name, value, "must be None, a regex string or a non-empty list of module names such as ['mlp']")
 
 
+SOURCE_KEYS = ("model_type", "num_blocks", "modules", "ffn_shapes")
+
+
+def _check_source_architecture(value: object) -> None:
+    if value is None:
+        return
+    form = (
+        "must be None (filled at injection) or a dict with keys model_type (str), num_blocks (int or None), modules "
+        "(list of module names) and ffn_shapes (dict)"
+    )
+    if not isinstance(value, dict) or set(value) != set(SOURCE_KEYS):
+        raise _bad("source_architecture", value, form)
+    ok = (
+        isinstance(value["model_type"], str | None)
+        and (value["num_blocks"] is None or _is_int(value["num_blocks"]))
+        and isinstance(value["modules"], list | tuple)
+        and all(isinstance(m, str) for m in value["modules"])
+        and isinstance(value["ffn_shapes"], dict)
+    )
+    if not ok:
+        raise _bad("source_architecture", value, form)
+
+
+def count_blocks(model_config: dict) -> int | None:
+    """Number of decoder blocks a transformers config (as a dict) declares, if it says."""
+    keys = ("num_hidden_layers", "n_layer", "num_layers")
+    return next((model_config[k] for k in keys if _is_int(model_config.get(k))), None)
+
+
 @dataclass
 class DeRSConfig(PeftConfig):
     """Turn FFN blocks into routed Mixture-of-Experts whose experts share one base FFN.
@@ -88,6 +117,13 @@ class DeRSConfig(PeftConfig):
         modules_to_save: other modules to train fully and save with the adapter.
         compression: set by ``ders_peft.compress``: the method, its settings and the source MoE (informational; the
             tensors' shapes follow from the other fields).
+        source_architecture: what the adapter was made on, filled when it is first injected and saved with it:
+            ``model_type``, ``num_blocks``, the upcycled ``modules`` and their ``ffn_shapes`` (``[out, in]`` per
+            projection). Injecting it into a model that differs (another architecture, block count, FFN size or block
+            selection) is refused naming both sides. Leave it ``None`` for a new adapter.
+        allow_other_model_type: accept a base model of another ``model_type`` than ``source_architecture`` records,
+            when its blocks and FFN shapes match (e.g. a Llama adapter on a Mistral of the same sizes); block counts,
+            shapes and the block selection must match all the same.
         task_type: peft task type (``"CAUSAL_LM"``, ...) or ``None``.
 
     Every invalid value or combination raises ``ValueError`` naming the field and what is allowed; settings that
@@ -121,6 +157,12 @@ class DeRSConfig(PeftConfig):
     compression: dict | None = field(
         default=None, metadata={"help": "How ders_peft.compress made this adapter (informational)."}
     )
+    source_architecture: dict | None = field(
+        default=None, metadata={"help": "The model the adapter was made on (filled at injection)."}
+    )
+    allow_other_model_type: bool = field(
+        default=False, metadata={"help": "Accept a base of another model_type with the same blocks and shapes."}
+    )
 
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in list(TaskType):
@@ -151,7 +193,7 @@ class DeRSConfig(PeftConfig):
         if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
             raise _bad("group_size", self.group_size, "must be None (one scale per output row) or an integer >= 1")
         _check_int("seed", self.seed, 0)
-        for name in ("shared_expert", "shared_expert_gate", "train_base", "normalize_top_k"):
+        for name in ("shared_expert", "shared_expert_gate", "train_base", "normalize_top_k", "allow_other_model_type"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "must be True or False")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
@@ -175,6 +217,9 @@ class DeRSConfig(PeftConfig):
             isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save)
         ):
             raise _bad("modules_to_save", self.modules_to_save, "must be None or a list of module names")
+        if self.compression is not None and not isinstance(self.compression, dict):
+            raise _bad("compression", self.compression, "must be None or a dict (set by ders_peft.compress)")
+        _check_source_architecture(self.source_architecture)
         if self.delta_type == "full" and not self.train_base:
             raise _bad(
                 "train_base", self.train_base, "must be True with delta_type='full' (vanilla experts are full copies)"
@@ -210,10 +255,7 @@ class DeRSConfig(PeftConfig):
 
     def check_model(self, model_config: dict) -> None:
         """Checks that need the base model's config (a dict): block indices in ``layers_to_transform`` must exist."""
-        num_blocks = next(
-            (model_config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if _is_int(model_config.get(k))),
-            None,
-        )
+        num_blocks = count_blocks(model_config)
         if self.layers_to_transform is None or num_blocks is None:
             return
         indices = [self.layers_to_transform] if _is_int(self.layers_to_transform) else self.layers_to_transform

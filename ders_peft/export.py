@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import ffn
+from . import atomic, ffn
 from .config import DeRSConfig
 from .layer import DeRSLayer
 from .routing import SHARED_EXPERT_MIX
@@ -551,10 +551,17 @@ def model_card(plan: ExportPlan, base_model: str | None, max_abs_logit_diff: flo
     return "\n".join(lines) + "\n"
 
 
-def _verify(model: nn.Module, target: nn.Module, vocab: int) -> float:
-    """Max |logit difference| between the DeRS model and the export on a few random tokens."""
+_NOTHING = "Nothing was written."
+
+
+def _verify(model: nn.Module, target: nn.Module, plan: ExportPlan) -> float:
+    """Max |logit difference| between the DeRS model and the export on a few random tokens; ``ExportCheckError`` if an
+    exported tensor or a logit is not finite, or (fp32) the difference exceeds ``VERIFY_TOLERANCE``."""
+    for name, tensor in target.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportCheckError(f"export check failed: the exported tensor {name!r} holds NaN or inf. {_NOTHING}")
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 8), generator=gen)
+    ids = torch.randint(0, plan.target_config.vocab_size, (2, 8), generator=gen)
     was_training = model.training
     model.eval()
     try:
@@ -563,7 +570,12 @@ def _verify(model: nn.Module, target: nn.Module, vocab: int) -> float:
             got = target(input_ids=ids).logits.float()
     finally:
         model.train(was_training)
-    return float((want - got).abs().max())
+    diff = float((want - got).abs().max())
+    if not math.isfinite(diff):  # NaN compares False with any tolerance: non-finite is a failure in every dtype
+        raise ExportCheckError(f"export check failed: the logits are not finite (max difference {diff}). {_NOTHING}")
+    if plan.dtype == torch.float32 and diff > VERIFY_TOLERANCE:
+        raise ExportCheckError(f"export check failed: logits differ by {diff:.3e} from the DeRS model. {_NOTHING}")
+    return diff
 
 
 def export_moe(
@@ -577,89 +589,78 @@ def export_moe(
 ) -> Path:
     """Write the DeRS ``model`` as a standard transformers MoE checkpoint (safetensors) plus a model card.
 
-    ``architecture``: one of ``ARCHITECTURES`` or ``None`` to pick the first exact target for the source. Refused
-    configurations raise ``ValueError`` before anything is written. The checkpoint is written to a temporary directory
-    next to ``out_dir`` and moved into place only on success, so a failed export never leaves a half-written or
-    replaced checkpoint. With ``verify`` an fp32 model's export is checked against the DeRS model on random tokens.
-    Returns the output path.
+    ``architecture``: one of ``ARCHITECTURES`` or ``None`` to pick the first exact target for the source. The
+    destination is checked first (:func:`check_export_dir`), refused configurations raise ``ValueError`` before
+    anything is written, and the checkpoint is written with :func:`ders_peft.atomic.write_dir` (a temporary sibling
+    swapped into place, with a manifest of its files), so a failed or interrupted export never leaves a half-written
+    or lost checkpoint. With ``verify`` every exported tensor must be finite and the export's logits must match the
+    DeRS model's on random tokens (within ``VERIFY_TOLERANCE`` for fp32 models; finite for every dtype). Returns the
+    output path.
     """
-    out = Path(out_dir)
-    _check_replaceable(out)
+    out, _ = check_export_dir(out_dir)
     try:
         plan = plan_export(model, architecture)
         target = _convert(model, plan)
     except ValueError as err:
         raise ValueError(f"{err} Nothing was written to {str(out)!r}.") from err
-    diff = None
-    if verify:
-        diff = _verify(model, target, plan.target_config.vocab_size)
-        if plan.dtype == torch.float32 and diff > VERIFY_TOLERANCE:
-            raise RuntimeError(
-                f"export check failed: logits differ by {diff:.3e} from the DeRS model; nothing written"
-            )
+    diff = _verify(model, target, plan) if verify else None
     if base_model is None:
         root = _unwrap(model)
         base_model = getattr(root.config, "_name_or_path", None) or getattr(root, "name_or_path", None) or None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         target.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(plan, base_model, diff), encoding="utf-8")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    # the entries to keep are listed again just before the swap: files added during the export are kept too
+    return atomic.write_dir(out, fill, owner=EXPORT_OWNER, keep=lambda: check_export_dir(out)[1])
+
+
+class ExportCheckError(RuntimeError):
+    """``export_moe(verify=True)`` found non-finite weights or logits, or logits that differ from the DeRS model's."""
 
 
 VERIFY_TOLERANCE = 1e-4
 """Largest max |logit difference| ``export_moe(verify=True)`` accepts for an fp32 model (the mappings are exact up to
 float rounding: the tests see <= 1e-6 on tiny models; rounding grows with depth and width)."""
 
-_EXPORT_FILES = re.compile(
-    r"(config\.json|generation_config\.json|README\.md|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-    r"|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\..*"
-    r"|.*\.model)"
+EXPORT_OWNER = "ders_peft.export_moe"
+# what exports made before the manifest wrote (exact names): such a directory is recognised by ``ders_export`` in
+# its config.json, and only these entries of it are replaced
+_LEGACY_FILES = re.compile(
+    r"config\.json|generation_config\.json|README\.md|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index"
+    r"\.json|tokenizer\.json|tokenizer_config\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json"
+    r"|vocab\.json|vocab\.txt|merges\.txt|chat_template\.(jinja|json)"
 )
 
 
-def _check_replaceable(out: Path) -> None:
-    """``out`` may be missing, empty, or a previous export of ``export_moe`` holding only files an export writes;
-    anything else (the dense base model's folder, an adapter, files of the user's) is refused, never replaced."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"out_dir={str(out)!r} is invalid: it exists and is not a directory; refusing to replace it.")
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
+def _legacy_export(out: Path) -> set[str] | None:
     try:
         previous = "ders_export" in json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         previous = False
-    foreign = [name for name in entries if not _EXPORT_FILES.fullmatch(name)]
-    if not previous or foreign:
-        what = f"files an export does not write ({foreign[:5]})" if previous else "no previous ders_peft export"
+    return {p.name for p in out.iterdir() if _LEGACY_FILES.fullmatch(p.name)} if previous else None
+
+
+def check_export_dir(out_dir: str | os.PathLike, what: str = "out_dir") -> tuple[Path, list[str]]:
+    """Check an export destination before any work; returns it and the entries of it to carry over.
+
+    ``out_dir`` may be missing, empty, or a previous ``export_moe`` output: then exactly the files its manifest lists
+    are replaced and every other file (the user's notes, a tokenizer model of their own) is kept. Anything else (the
+    dense base model's folder, an adapter) is refused with a ``ValueError``, as are destinations that cannot be
+    swapped into place (:func:`ders_peft.atomic.check_destination`)."""
+    out = atomic.check_destination(out_dir, what)
+    for action in atomic.recover(out):
+        warnings.warn(action, stacklevel=3)
+    if not out.exists() or not any(out.iterdir()):
+        return out, []
+    owned = atomic.owned_entries(out, EXPORT_OWNER, _legacy_export)
+    if owned is None:
         raise ValueError(
-            f"out_dir={str(out)!r} is invalid: it is not empty and holds {what}; only an empty directory or a "
-            "previous export_moe output is replaced. Choose a new or empty directory. Nothing was written."
+            f"{what}={str(out)!r} is invalid: it is not empty and holds no previous ders_peft export (no "
+            f"{atomic.MANIFEST}); only an empty directory or a previous export_moe output is replaced. Choose a new "
+            "or empty directory. Nothing was written."
         )
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is set aside first and removed only after the move."""
-    backup = None
-    if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, backup)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, dst)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    return out, sorted(p.name for p in out.iterdir() if p.name not in owned)

@@ -14,7 +14,7 @@ from . import decode, ffn
 from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, UniversalFullDelta
 from .functional import routed_ffn
-from .routing import Router, inject_aux_loss, load_balancing_loss, route, z_loss
+from .routing import Router, RoutingPlan, inject_aux_loss, load_balancing_loss, route, z_loss
 
 
 @dataclass
@@ -60,6 +60,26 @@ class BaseFFN(nn.Module):
             self.add_module(name, lin)
 
 
+# settings a DeRS layer's tensors are built from: editing one afterwards is refused at the next forward
+_STRUCTURE = (
+    "num_experts", "delta_type", "rank", "sparse_rate", "bits", "group_size", "shared_expert", "shared_expert_gate",
+    "universal_delta_type", "train_base", "delta_scale",
+)
+
+
+def _structure(config: DeRSConfig) -> tuple:
+    return tuple(getattr(config, name) for name in _STRUCTURE)
+
+
+def not_an_ffn_block(key: str, module: nn.Module, reason: str) -> str:
+    """The message for a target that is not an FFN block."""
+    return (
+        f"DeRSConfig.target_modules matched {key or 'a module'!r} of type {type(module).__name__}, which is not an "
+        f"FFN block: {reason}. Target whole FFN blocks (e.g. target_modules=['mlp']); supported layouts: "
+        f"{ffn.describe_layouts()}."
+    )
+
+
 def _layer_seed(seed: int, key: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
 
@@ -79,13 +99,9 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         self, base_layer: nn.Module, adapter_name: str, config: DeRSConfig, runtime: RouterRuntime, key: str = ""
     ) -> None:
         super().__init__()
-        layout = ffn.detect_layout(base_layer)
+        layout, reason = ffn.inspect_block(base_layer)
         if layout is None:
-            raise ValueError(
-                f"DeRSConfig.target_modules matched {key or 'a module'!r} of type {type(base_layer).__name__}, which "
-                f"is not an FFN block. Target whole FFN blocks (e.g. target_modules=['mlp']); supported layouts: "
-                f"{ffn.describe_layouts()}."
-            )
+            raise ValueError(not_an_ffn_block(key, base_layer, reason))
         self.base_layer = base_layer
         self.layout = layout
         self.key = key
@@ -100,6 +116,7 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._merged_experts: dict[str, dict[str, FullDelta]] = {}
         self._dense_stash: dict[str, torch.Tensor] = {}
+        self._built_with: dict[str, tuple] = {}
         self.update_layer(adapter_name, config)
 
     # ------------------------------------------------------------------ construction
@@ -132,6 +149,7 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         if len(biases):
             self.ders_bias[adapter_name] = biases
         self.ders_settings[adapter_name] = config
+        self._built_with[adapter_name] = _structure(config)
         self.set_adapter(self.active_adapters)
 
     @staticmethod
@@ -207,17 +225,22 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         if adapter in self._dense_stash_adapters():
             return self.base_layer(x, *args, **kwargs)
         config = self.ders_settings[adapter]
+        self._check_settings(adapter, config)
         shape = x.shape
+        if x.numel() == 0:  # no token: the dense block's empty output (same shape and dtype)
+            return self.base_layer(x, *args, **kwargs)
         xf = x.reshape(-1, shape[-1])
         y = decode.layer_forward(self, adapter, xf)  # generation: few tokens, no autograd (None if it does not apply)
         if y is not None:
-            y = y.view(*shape[:-1], y.shape[-1])
-            return getattr(self.base_layer, self.layout.dropout_attr)(y) if self.layout.dropout_attr else y
+            return ffn.output_dropout(self.base_layer, self.layout, y.view(*shape[:-1], y.shape[-1]))
         logits = self.ders_router[adapter](xf)
         gate_logit = None
         if config.shared_expert_gate:
             logits, gate_logit = logits[:, : config.num_experts], logits[:, config.num_experts :]
         plan, probs = route(logits, config.top_k, config.normalize_top_k, config.shared_expert, gate_logit)
+        # the router losses ride on the routing weights (not on the output, which callers such as Falcon's decoder
+        # layer modify in place: an autograd identity's output is a view that may not be modified in place)
+        plan = self._add_router_losses(plan, logits, probs, config)
 
         if adapter in self._merged_experts:
             deltas = self._merged_experts[adapter]
@@ -241,29 +264,43 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
             ffn.activation(self.base_layer, self.layout),
             self.layout.gated,
         )
-        y = self._add_router_losses(y, logits, probs, plan.expert_idx[:, : config.top_k], config)
-        y = y.view(*shape[:-1], y.shape[-1])
-        if self.layout.dropout_attr:
-            y = getattr(self.base_layer, self.layout.dropout_attr)(y)
-        return y
+        return ffn.output_dropout(self.base_layer, self.layout, y.view(*shape[:-1], y.shape[-1]))
 
-    def _add_router_losses(self, y, logits, probs, routed_idx, config: DeRSConfig) -> torch.Tensor:
+    def _check_settings(self, adapter: str, config: DeRSConfig) -> None:
+        """``ValueError`` naming the field if the adapter's settings were edited after its tensors were built in a
+        way they cannot follow (``top_k`` may change within ``[1, num_experts]``)."""
+        built = self.__dict__.get("_built_with", {}).get(adapter)  # None: a layer pickled by an older version
+        now = _structure(config)
+        if built is not None and now != built:
+            name, was, value = next((f, b, v) for f, b, v in zip(_STRUCTURE, built, now, strict=True) if b != v)
+            raise ValueError(
+                f"DeRSConfig.{name}={value!r} is invalid: adapter {adapter!r} was built with {name}={was!r}, which "
+                "fixes its tensors' shapes; set it back, or add a new adapter with these settings."
+            )
+        if not (isinstance(config.top_k, int) and 1 <= config.top_k <= config.num_experts):
+            raise ValueError(
+                f"DeRSConfig.top_k={config.top_k!r} is invalid: must be an integer in [1, num_experts="
+                f"{config.num_experts}] (adapter {adapter!r} was edited after it was built)."
+            )
+
+    def _add_router_losses(self, plan: RoutingPlan, logits, probs, config: DeRSConfig) -> RoutingPlan:
         if not (self.training and torch.is_grad_enabled()):
-            return y
+            return plan
         if config.router_aux_loss_coef == 0 and config.router_z_loss_coef == 0:
-            return y
+            return plan
         mask = self._runtime.attention_mask
         token_mask = mask.reshape(-1) if mask is not None and mask.numel() == logits.shape[0] else None
         aux = logits.new_zeros((), dtype=torch.float32)
         if config.router_aux_loss_coef:
-            lb = load_balancing_loss(probs, routed_idx, config.num_experts, token_mask)
+            lb = load_balancing_loss(probs, plan.expert_idx[:, : config.top_k], config.num_experts, token_mask)
             self._runtime.record("router_aux_loss", lb)
             aux = aux + config.router_aux_loss_coef * lb
         if config.router_z_loss_coef:
             zl = z_loss(logits, token_mask)
             self._runtime.record("router_z_loss", zl)
             aux = aux + config.router_z_loss_coef * zl
-        return inject_aux_loss(y, aux, self._runtime.aux_grad_scale)
+        weights = inject_aux_loss(plan.weights, aux, self._runtime.aux_grad_scale)
+        return RoutingPlan(plan.expert_idx, weights, plan.num_experts)
 
     # ------------------------------------------------------------------ merging
     def _is_dense_mergeable(self, adapter: str) -> bool:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import json
 import re
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from torch import nn
 
-from .config import DeRSConfig
+from . import ffn
+from .config import DeRSConfig, count_blocks
 from .ffn import DEFAULT_TARGET_MODULES
-from .layer import DeRSLayer, RouterRuntime
+from .layer import DeRSLayer, RouterRuntime, not_an_ffn_block
 from .registration import PREFIX, check_adapter_checkpoint
 
 _ADAPTER_CONTAINERS = DeRSLayer.adapter_layer_names
@@ -69,6 +71,9 @@ class DeRSModel(BaseTuner):
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: DeRSConfig, model_config: dict) -> DeRSConfig:
         peft_config.validate()  # again: fields may have been edited since the config was created
+        self._model_config = model_config
+        if peft_config.source_architecture is not None:
+            _check_source(peft_config, _partial_record(model_config))
         peft_config.check_model(model_config)
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
@@ -80,6 +85,21 @@ class DeRSModel(BaseTuner):
                 )
             peft_config.target_modules = set(self.target_module_mapping[model_type])
         return peft_config
+
+    def _prepare_model(self, peft_config: DeRSConfig, model: nn.Module) -> None:
+        """Every check that needs the model, before any layer is built."""
+        targets = _check_targets(self, peft_config, model)
+        _check_modules_to_save(peft_config, model)
+        record = _source_record(self._model_config, targets)
+        if peft_config.source_architecture is not None:
+            _check_source(peft_config, record)
+        self._pending_record = record
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if config.source_architecture is None:  # a new adapter: record what it is made on (saved with it)
+            config.source_architecture = self._pending_record
 
     def _create_and_replace(
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
@@ -167,3 +187,142 @@ class DeRSModel(BaseTuner):
 
     def ders_layers(self) -> dict[str, DeRSLayer]:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, DeRSLayer)}
+
+
+# ---------------------------------------------------------------------------------------------------------- targeting
+def _check_targets(tuner: DeRSModel, config: DeRSConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules ``config`` targets, each a plain FFN block (or an existing DeRS layer), else ``ValueError``."""
+    names = dict(model.named_modules())
+    inside_tuner = [key + "." for key, m in names.items() if isinstance(m, BaseTunerLayer)]
+    targets = []
+    for key, module in names.items():
+        if not key or any(key.startswith(p) for p in inside_tuner):
+            continue
+        found = tuner._check_target_module_exists(config, key)
+        if found and not isinstance(found, _ExcludedModule):
+            targets.append((key, module))
+    if not targets:
+        raise ValueError(_no_target_message(config, names))
+    keys = [k for k, _ in targets]
+    nested = next(((outer, k) for outer in keys for k in keys if k.startswith(outer + ".")), None)
+    if nested:
+        raise ValueError(
+            f"DeRSConfig.target_modules={_show(config.target_modules)} is invalid: it matches both the block "
+            f"{nested[0]!r} and {nested[1]!r} inside it. DeRS upcycles whole FFN blocks (not projections as LoRA "
+            "does): list only the blocks, e.g. target_modules=['mlp']."
+        )
+    for key, module in targets:
+        if isinstance(module, DeRSLayer):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            raise ValueError(
+                f"{key!r} already carries another PEFT method's adapter ({type(module).__name__}); DeRS targets plain "
+                "FFN blocks: merge that adapter first (merge_and_unload()) or target other modules."
+            )
+        inner = next(((n, m) for n, m in module.named_modules() if n and isinstance(m, BaseTunerLayer)), None)
+        if inner:
+            kind = f"{type(inner[1]).__module__}.{type(inner[1]).__name__}"
+            raise ValueError(
+                f"DeRSConfig.target_modules matched {key!r}, whose {inner[0]!r} already carries another PEFT method's "
+                f"adapter ({kind}); DeRS needs the block's plain projections: merge that adapter into the model first "
+                "(merge_and_unload()), then upcycle."
+            )
+        layout, reason = ffn.inspect_block(module)
+        reason = reason or ffn.probe_block(module, layout)
+        if reason:
+            raise ValueError(not_an_ffn_block(key, module, reason))
+    return targets
+
+
+def _show(value) -> object:
+    return sorted(value) if isinstance(value, set) else value
+
+
+def _no_target_message(config: DeRSConfig, names: dict[str, nn.Module]) -> str:
+    if config.layers_to_transform is not None and config.layers_pattern is not None:
+        patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else list(config.layers_pattern)
+        lists = sorted({m.group(1) for k in names if (m := re.match(r"(.*?)\.\d+(?:\.|$)", k))})
+        if not any(re.search(rf"(^|\.){re.escape(p)}$", lst) for p in patterns for lst in lists):
+            hint = ", ".join(repr(lst.rpartition(".")[2]) for lst in lists[:3]) or "none"
+            return (
+                f"DeRSConfig.layers_pattern={config.layers_pattern!r} is invalid: no module list of that name holds "
+                f"numbered blocks in this model; its block lists are {lists[:3]} (layers_pattern {hint}, or None to "
+                "let peft find them)."
+            )
+    blocks = sorted({k.rpartition(".")[2] for k, m in names.items() if k and ffn.detect_layout(m) is not None})
+    selection = f" with layers_to_transform={config.layers_to_transform!r}" if config.layers_to_transform else ""
+    return (
+        f"DeRSConfig.target_modules={_show(config.target_modules)} is invalid: it matches no module of this model"
+        f"{selection}. Its FFN blocks are named {blocks[:5] or 'nothing DeRS supports'} "
+        f"(supported layouts: {ffn.describe_layouts()})."
+    )
+
+
+# names peft adds to modules_to_save by itself for classification / QA task types (one of them exists)
+_PEFT_TASK_MODULES = {"classifier", "score", "qa_outputs"}
+
+
+def _check_modules_to_save(config: DeRSConfig, model: nn.Module) -> None:
+    """Every ``modules_to_save`` name must match a module (peft itself skips unknown names silently)."""
+    keys = [k for k, _ in model.named_modules(remove_duplicate=False)]
+    for name in config.modules_to_save or ():
+        if name not in _PEFT_TASK_MODULES and not any(k.endswith(name) for k in keys):
+            top = sorted({k for k in keys if k and k.count(".") <= 1 and not re.search(r"\.\d+", k)})
+            raise ValueError(
+                f"DeRSConfig.modules_to_save={list(config.modules_to_save)!r} is invalid: {name!r} names no module of "
+                f"this model (a module is matched by the end of its name, e.g. 'lm_head'); its top-level modules are "
+                f"{top[:8]}."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------- the record
+def _partial_record(model_config: dict) -> dict:
+    return {"model_type": model_config.get("model_type"), "num_blocks": count_blocks(model_config)}
+
+
+def _source_record(model_config: dict, targets: list[tuple[str, nn.Module]]) -> dict:
+    """What ``DeRSConfig.source_architecture`` records: model_type, block count, upcycled modules, FFN shapes."""
+    shapes = {}
+    for key, module in targets:
+        block = module.base_layer if isinstance(module, DeRSLayer) else module
+        layout = ffn.detect_layout(block)
+        shapes[key] = {p: list(ffn.proj_shape(getattr(block, p))) for p in layout.projs}
+    uniform = len({json.dumps(v, sort_keys=True) for v in shapes.values()}) == 1
+    return {
+        **_partial_record(model_config),
+        "modules": list(shapes),
+        "ffn_shapes": next(iter(shapes.values())) if uniform else shapes,
+    }
+
+
+def _check_source(config: DeRSConfig, record: dict) -> None:
+    """``ValueError`` naming both sides if ``record`` (this model) differs from what the adapter was made on."""
+    src = config.source_architecture
+    wrong = [k for k in record if k != "model_type" and src.get(k) != record[k]]
+    other_type = src.get("model_type") != record["model_type"] and not config.allow_other_model_type
+    if not wrong and not other_type:
+        return
+    sides = []
+    for key in (["model_type"] if other_type else []) + wrong:
+        mine, theirs = src.get(key), record[key]
+        if key == "modules":
+            only_adapter = [m for m in mine if m not in theirs][:4]
+            only_here = [m for m in theirs if m not in mine][:4]
+            sides.append(
+                f"upcycled modules: {len(mine)} in the adapter, {len(theirs)} selected here (only in the adapter: "
+                f"{only_adapter}, only here: {only_here}; were target_modules or layers_to_transform edited?)"
+            )
+        else:
+            sides.append(f"{key}: adapter {mine!r}, this model {theirs!r}")
+    fix = (
+        "If the two architectures compute the same blocks, set DeRSConfig.allow_other_model_type=True (in "
+        "adapter_config.json or on the config passed to PeftModel.from_pretrained)."
+        if not wrong
+        else "Load it on the model it was made on, with the adapter_config.json it was saved with (block counts, FFN "
+        "shapes and the block selection cannot be overridden)."
+    )
+    raise ValueError(
+        "This DeRS adapter was made on another model (DeRSConfig.source_architecture, saved in adapter_config.json): "
+        + "; ".join(sides)
+        + f". {fix} (A DeRSConfig records the first model it is injected into: use a new one per model.)"
+    )

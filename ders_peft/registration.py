@@ -10,7 +10,9 @@ transformers' ``load_adapter`` / ``AutoModelForCausalLM.from_pretrained(<adapter
 ``KeyError: 'DERS'``. What the package does influence: every adapter it saves carries a ``README.md`` model card
 whose first section says to ``import ders_peft`` before loading (:func:`add_loading_note`), and a checkpoint whose
 DeRS tensors do not fit the model (other settings or another base model) stops with a ``ValueError`` that says so
-(:func:`check_adapter_checkpoint`) instead of loading half of it.
+(:func:`check_adapter_checkpoint`) instead of loading half of it. Local adapter directories are checked before peft
+reads them (:func:`check_adapter_dir`: a corrupt or non-object ``adapter_config.json`` or one without ``peft_type``,
+for any PEFT method; a missing or truncated DeRS weight file), each error naming the file.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def register(config_cls: type, model_cls: type) -> None:
     from peft.utils import register_peft_method
 
     _install_model_card_hook()
+    _install_loading_checks()
     if PEFT_TYPE_DERS in PEFT_TYPE_TO_CONFIG_MAPPING:
         # a re-import (e.g. importlib.reload): point the mappings at the current classes
         PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE_DERS] = config_cls
@@ -91,7 +94,9 @@ def add_loading_note(readme_path: str, base_model: str | None) -> None:
         lines = card.text.splitlines()
         at = next((i for i, line in enumerate(lines) if line.startswith("# ")), -1) + 1
         card.text = "\n".join([*lines[:at], "", loading_note(base_model), *lines[at:]])
-    card.save(readme_path)
+    from .atomic import atomic_write_text
+
+    atomic_write_text(readme_path, str(card))
 
 
 def _install_model_card_hook() -> None:
@@ -151,9 +156,10 @@ def check_adapter_checkpoint(
 ) -> None:
     """Raise ``ValueError`` if a (key-remapped) DeRS checkpoint does not fit the DeRS layers of ``model``.
 
-    Catches tensors of the wrong shape (the checkpoint was made with other DeRS settings or another base model) and
-    DeRS layers the checkpoint has no weights for (another block count or layer selection), which peft would
-    otherwise only warn about, leaving random routers in place.
+    Catches tensors of the wrong shape (the checkpoint was made with other DeRS settings or another base model), DeRS
+    layers the checkpoint has no weights for and DeRS tensors for layers the model does not have (another block count
+    or layer selection: peft would otherwise only warn, or drop them silently), and sparse indices outside their
+    matrix.
     """
     expected = expected_adapter_shapes(model, adapter_name)
     wrong = [
@@ -162,23 +168,200 @@ def check_adapter_checkpoint(
         if key in expected and tuple(value.shape) != expected[key]
     ]
     missing = [key for key in expected if key not in state_dict]
-    if not wrong and not missing:
+    containers = tuple(f".{c}." for c in ("ders_router", "ders_base", "ders_delta", "ders_bias"))
+    unexpected = [key for key in state_dict if key not in expected and any(c in key for c in containers)]
+    if wrong or missing or unexpected:
+        settings = ", ".join(
+            f"{f}={getattr(config, f, None)!r}"
+            for f in ("num_experts", "delta_type", "rank", "sparse_rate", "shared_expert", "train_base")
+        )
+        problems = [
+            *(f"shape mismatch: {w}" for w in wrong[:5]),
+            *(f"missing from the checkpoint: {m}" for m in missing[:5]),
+            *(f"no such DeRS layer in the model: {u}" for u in unexpected[:5]),
+        ]
+        more = len(wrong) + len(missing) + len(unexpected) - len(problems)
+        raise ValueError(
+            f"The DeRS checkpoint of adapter {adapter_name!r} does not fit this model ({len(wrong)} tensors of the "
+            f"wrong shape, {len(missing)} missing, {len(unexpected)} for layers the model does not have):\n  "
+            + "\n  ".join(problems)
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + f"\nThe adapter was built with {settings}; load it on the same base architecture and size it was "
+            "saved from (hidden and intermediate sizes, number of blocks), and do not edit these settings, "
+            "target_modules or layers_to_transform in adapter_config.json."
+        )
+    _check_sparse_indices(model, state_dict, adapter_name)
+
+
+def _check_sparse_indices(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
+    from .layer import DeRSLayer
+
+    for name, layer in model.named_modules():
+        if not isinstance(layer, DeRSLayer) or adapter_name not in layer.ders_delta:
+            continue
+        for sub, delta in layer.ders_delta[adapter_name].named_modules():
+            key = f"{name}.ders_delta.{adapter_name}.{sub}.indices"
+            if "indices" not in delta._buffers or key not in state_dict:
+                continue
+            idx, numel = state_dict[key], delta.out_features * delta.in_features
+            if idx.is_floating_point() or idx.is_complex():
+                raise ValueError(f"The DeRS checkpoint is corrupt: {key} holds {idx.dtype} values, not indices.")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise ValueError(
+                    f"The DeRS checkpoint is corrupt: {key} has an index out of range (min {int(idx.min())}, max "
+                    f"{int(idx.max())}); indices of a {delta.out_features}x{delta.in_features} matrix must be in "
+                    f"[0, {numel - 1}]."
+                )
+
+
+# ---------------------------------------------------------------------------------------------------- file checks
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterFileError(ValueError):
+    """A local adapter directory whose files are missing or corrupt (the message names the file)."""
+
+
+def check_safetensors(path: str) -> None:
+    """``AdapterFileError`` naming ``path`` if it is not a complete safetensors file (truncated, random bytes)."""
+    import json
+
+    size = os.path.getsize(path)
+
+    def bad(why: str) -> AdapterFileError:
+        return AdapterFileError(f"{path!r} is corrupt or truncated: {why}. Save or copy the file again.")
+
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise bad(f"it has {size} bytes, fewer than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if not 2 <= length <= size - 8:
+            raise bad(f"its header claims {length} bytes but the file has {size}")
+        try:
+            header = json.loads(fh.read(length))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise bad(f"its header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    data = size - 8 - length
+    if max(ends, default=0) != data:
+        raise bad(f"its tensors need {max(ends, default=0)} bytes of data but {data} are there")
+
+
+def check_adapter_dir(model_id, subfolder: str | None = None) -> None:
+    """Check a local adapter directory before peft reads it: its config must be a JSON object with a ``peft_type``
+    and, for a DeRS adapter, its weight file must exist and be a complete safetensors file. Hub ids pass through."""
+    path = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    if not _local_dir(path):
         return
-    settings = ", ".join(
-        f"{f}={getattr(config, f, None)!r}"
-        for f in ("num_experts", "delta_type", "rank", "sparse_rate", "shared_expert", "train_base")
-    )
-    problems = [
-        *(f"shape mismatch: {w}" for w in wrong[:5]),
-        *(f"missing from the checkpoint: {m}" for m in missing[:5]),
-    ]
-    more = len(wrong) + len(missing) - len(problems)
-    raise ValueError(
-        f"The DeRS checkpoint of adapter {adapter_name!r} does not fit this model ({len(wrong)} tensors of the wrong "
-        f"shape, {len(missing)} missing):\n  "
-        + "\n  ".join(problems)
-        + (f"\n  ... and {more} more" if more > 0 else "")
-        + f"\nThe adapter was built with {settings}; load it on the same base architecture and size it was saved "
-        "from (hidden and intermediate sizes, number of blocks), and do not edit these settings in "
-        "adapter_config.json."
-    )
+    config_file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_file):
+        raise AdapterFileError(
+            f"{path!r} has no {CONFIG_FILE}: it is not a saved adapter directory (model.save_pretrained(dir) writes "
+            f"{CONFIG_FILE} and {WEIGHT_FILES[0]})."
+        )
+    from peft.config import PeftConfigMixin
+
+    peft_type = _peft_type_of(PeftConfigMixin.from_json_file(config_file), config_file)
+    if peft_type != PEFT_TYPE_DERS.value:
+        return
+    weights = [os.path.join(path, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
+    if not weights:
+        raise AdapterFileError(
+            f"{os.path.join(path, WEIGHT_FILES[0])!r} is missing: {path!r} has the adapter's config but not its "
+            "weights; copy adapter_model.safetensors from where the adapter was saved (nothing is fetched from the "
+            "Hub for a local directory)."
+        )
+    if weights[0].endswith(".safetensors"):
+        check_safetensors(weights[0])
+
+
+def _local_dir(path: str) -> bool:
+    """A directory here that cannot be meant as a Hub repo id (a path with ``.`` or ``/``, or with adapter files)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not os.path.isdir(path):
+        return False
+    if any(os.path.isfile(os.path.join(path, name)) for name in (CONFIG_FILE, *WEIGHT_FILES)):
+        return True
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return True
+    return path.startswith((".", os.sep))
+
+
+def _peft_type_of(attributes: dict, config_file: str) -> str:
+    value = attributes.get("peft_type")
+    if not isinstance(value, str) or value not in PeftType.__members__:
+        allowed = sorted(PeftType.__members__)
+        what = "has no 'peft_type'" if value is None else f"has peft_type={value!r}, which is unknown"
+        raise AdapterFileError(
+            f"{config_file!r} {what}: it must name the PEFT method, one of {allowed} ('DERS' for a DeRS adapter)."
+        )
+    return value
+
+
+def _install_loading_checks() -> None:
+    """Wrap peft's config reading (a corrupt or non-object adapter_config.json, or one without ``peft_type``, gets a
+    ``ValueError`` naming the file instead of a bare ``JSONDecodeError`` / ``KeyError``) and the adapter loaders of
+    peft and transformers (:func:`check_adapter_dir` first). Idempotent; valid adapters of any method load as
+    before."""
+    import json
+
+    from peft import PeftModel
+    from peft.config import PeftConfigMixin
+
+    read = PeftConfigMixin.from_json_file.__func__
+    if getattr(read, "_ders_hook", False):
+        return
+
+    @functools.wraps(read)
+    def from_json_file(cls, path_json_file, **kwargs):
+        try:
+            loaded = read(cls, path_json_file, **kwargs)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise AdapterFileError(f"{str(path_json_file)!r} is not valid JSON ({err}); save it again.") from err
+        if not isinstance(loaded, dict):
+            raise AdapterFileError(
+                f"{str(path_json_file)!r} holds a JSON {type(loaded).__name__}, not an object of adapter settings; "
+                "save the adapter again."
+            )
+        return loaded
+
+    from_json_file._ders_hook = True
+    PeftConfigMixin.from_json_file = classmethod(from_json_file)
+
+    get_type = PeftConfigMixin._get_peft_type.__func__
+
+    @functools.wraps(get_type)
+    def _get_peft_type(cls, model_id, **kwargs):
+        path = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
+        config_file = os.path.join(path, CONFIG_FILE)
+        if os.path.isfile(config_file):
+            return _peft_type_of(cls.from_json_file(config_file), config_file)
+        check_adapter_dir(path)  # a local directory without adapter_config.json: say so (no Hub look-up)
+        return get_type(cls, model_id, **kwargs)
+
+    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+
+    def checked(load, id_name: str):
+        @functools.wraps(load)
+        def load_adapter(self, *args, **kwargs):
+            model_id = kwargs.get(id_name, args[0] if args else None)
+            if model_id is not None:
+                sub = kwargs.get("subfolder") or (kwargs.get("adapter_kwargs") or {}).get("subfolder")
+                check_adapter_dir(model_id, sub)
+            return load(self, *args, **kwargs)
+
+        return load_adapter
+
+    PeftModel.load_adapter = checked(PeftModel.load_adapter, "model_id")
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:  # pragma: no cover - transformers without its peft integration
+        return
+    PeftAdapterMixin.load_adapter = checked(PeftAdapterMixin.load_adapter, "peft_model_id")

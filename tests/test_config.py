@@ -189,6 +189,13 @@ NON_DEFAULT = {
     "shared_expert_gate": True,
     "universal_delta_type": "full",
     "compression": {"method": "dare", "drop_rate": 0.9},
+    "source_architecture": {
+        "model_type": "llama",
+        "num_blocks": 4,
+        "modules": ["model.layers.0.mlp", "model.layers.2.mlp"],
+        "ffn_shapes": {"gate_proj": [48, 32], "up_proj": [48, 32], "down_proj": [32, 48]},
+    },
+    "allow_other_model_type": True,
     "train_base": False,
     "normalize_top_k": False,
     "router_aux_loss_coef": 0.05,

@@ -260,20 +260,26 @@ def test_without_the_import_and_after_a_fresh_reimport(saved):
 
 def test_checkpoint_that_does_not_fit_the_model(saved, tmp_path):
     root, _ = saved
-    with pytest.raises(ValueError, match=r"does not fit this model .*wrong shape") as info:
+    # the adapter records what it was made on: another FFN size or block count is refused before any layer is built
+    with pytest.raises(ValueError, match=r"made on another model .*ffn_shapes: adapter .*'gate_proj': \[48, 32\]"):
         PeftModel.from_pretrained(tiny_model("llama", inter=64), root / "adapter")
+    with pytest.raises(ValueError, match=r"made on another model .*num_blocks: adapter 2, this model 3"):
+        PeftModel.from_pretrained(tiny_model("llama", layers=3), root / "adapter")
+    # an adapter saved without that record (older ders_peft) is still checked tensor by tensor
+    cfg = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    for name, edit in (("legacy", {}), ("edited", {"num_experts": 4})):
+        (tmp_path / name).mkdir()
+        for f in ("adapter_model.safetensors", "README.md"):
+            (tmp_path / name / f).write_bytes((root / "adapter" / f).read_bytes())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**cfg, "source_architecture": None, **edit}))
+    with pytest.raises(ValueError, match=r"does not fit this model .*wrong shape") as info:
+        PeftModel.from_pretrained(tiny_model("llama", inter=64), tmp_path / "legacy")
     assert "num_experts=3" in str(info.value) and "delta_type='sparse'" in str(info.value)
     with pytest.raises(ValueError, match=r"does not fit this model .*missing"):
-        PeftModel.from_pretrained(tiny_model("llama", layers=3), root / "adapter")
+        PeftModel.from_pretrained(tiny_model("llama", layers=3), tmp_path / "legacy")
     # a settings edit in adapter_config.json that changes tensor shapes is caught too
-    edited = tmp_path / "edited"
-    edited.mkdir()
-    for f in ("adapter_model.safetensors", "README.md"):
-        (edited / f).write_bytes((root / "adapter" / f).read_bytes())
-    cfg = json.loads((root / "adapter" / "adapter_config.json").read_text())
-    (edited / "adapter_config.json").write_text(json.dumps({**cfg, "num_experts": 4}))
     with pytest.raises(ValueError, match=r"(?s)does not fit this model .*ders_router"):
-        PeftModel.from_pretrained(tiny_model("llama"), edited)
+        PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "edited")
 
 
 def test_peft_version_is_the_supported_one():
