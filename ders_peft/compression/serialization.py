@@ -120,10 +120,11 @@ class _SavesCard:
     def save_pretrained(self, save_directory, *args, **kwargs):
         import os
 
+        from ..atomic import atomic_write_text
+
         out = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as f:
-                f.write(model_card(self))
+            atomic_write_text(os.path.join(save_directory, "README.md"), model_card(self))
         return out
 _CLASSES: dict[str, tuple[type, type]] = {}  # source model_type -> (config subclass, model subclass)
 
