@@ -358,3 +358,16 @@ def test_flex_lowrank_grouped_path_gradcheck_and_reference(shared_a, ranks):
         synth(deltas[2], base_down), [None, None], None, torch.nn.functional.silu, True,
     )  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_a_moe_loaded_from_a_legacy_checkpoint_round_trips(tmp_path):
+    """transformers loads Mixtral checkpoints with per-expert legacy names and would save them back under those
+    names; a D2-MoE model must save its compressed experts under their own names, so reloading is exact."""
+    tiny_model("mixtral").save_pretrained(tmp_path / "moe")  # written with the legacy block_sparse_moe names
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=0.4, base_prune=0.25), calibration=CALIB)
+    small.save_pretrained(tmp_path / "d2")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "d2").eval()
+    torch.testing.assert_close(_logits(again), _logits(small), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="save_original_format=True is invalid"):
+        small.save_pretrained(tmp_path / "legacy", save_original_format=True)

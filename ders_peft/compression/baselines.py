@@ -7,7 +7,8 @@ kept whole and not counted). Each function returns a :class:`Compressed`: a comp
 * :func:`prune_experts`: NAEE-style expert pruning (simplified: router frequency instead of NAEE's output-loss search).
 * :func:`merge_experts`: MC-SMoE-style expert merging (simplified: no weight permutation alignment, no low-rank
   compression of the merged experts).
-* :func:`svd_experts`: plain truncated SVD of every expert weight matrix, no shared base.
+* :func:`svd_experts`: plain truncated SVD of every expert weight matrix, no shared base (with ``calibration``: an
+  ablation using D2-MoE's whitened, truncation-aware SVD on the whole experts).
 
 Pruning and merging support the softmax-routed architectures (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); merging and
 SVD keep the router, so they work for every architecture of :func:`~.moe_blocks.find_moe_blocks`.
@@ -27,7 +28,7 @@ from .calibration import LayerStats, collect_statistics
 from .d2_experts import D2Experts
 from .d2moe import DEFAULT_CALIBRATION_LENGTH, calibration_batches
 from .moe_blocks import MoEBlockInfo, find_moe_blocks
-from .svd import rank_for_ratio
+from .svd import rank_for_ratio, whitened_svd
 
 _EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts")
 
@@ -272,9 +273,21 @@ def _factorize(weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return (u[:, :, :rank] * root[:, None, :]).to(weights.dtype), (root[:, :, None] * vh[:, :rank]).to(weights.dtype)
 
 
-def svd_experts(model: nn.Module, ratio: float | None = None, *, rank: int | None = None) -> Compressed:
-    """Plain truncated SVD of each expert's gate, up and down weights (no shared base, no calibration): the best
-    rank-r approximation in Frobenius norm, stored as ``U_e V_e`` (:class:`LowRankExperts`).
+def svd_experts(
+    model: nn.Module,
+    ratio: float | None = None,
+    *,
+    rank: int | None = None,
+    calibration=None,
+    tokenizer=None,
+    batch_size: int = 4,
+    max_length: int = DEFAULT_CALIBRATION_LENGTH,
+    progress: bool = False,
+) -> Compressed:
+    """Truncated SVD of each expert's gate, up and down weights with no shared base, stored as ``U_e V_e``
+    (:class:`LowRankExperts`). Without ``calibration``: plain SVD, the best rank-r approximation in Frobenius norm.
+    With ``calibration`` (an ablation, not a published baseline): the truncation-aware whitened SVD D2-MoE uses for
+    its deltas (:func:`~.svd.whitened_svd`, with each expert's own input Gram), applied to the whole weights.
 
     The rank comes from ``ratio`` by the D2-MoE accounting with no base (``rank_for_ratio(..., base_fraction=0)``:
     the largest r with ``E r (I + H) <= (1 - ratio) E I H``), or is ``rank`` (clamped to ``min(I, H)``, so a large
@@ -288,18 +301,28 @@ def svd_experts(model: nn.Module, ratio: float | None = None, *, rank: int | Non
         raise ValueError(f"`rank` must be None (use ratio) or an integer >= 0, got {rank!r}")
     model = copy.deepcopy(model)
     blocks = find_moe_blocks(model)
+    stats = None
+    if calibration is not None:
+        batches = calibration_batches(calibration, tokenizer, batch_size=batch_size, max_length=max_length)
+        stats = collect_statistics(model, batches, fisher=False, intermediate_gram=True, progress=progress)
     original = _original_params(blocks)
     details: dict[int, dict] = {}
     with torch.no_grad():
         for idx, info in blocks.items():
             e, i, h = info.num_experts, info.intermediate_size, info.hidden_size
             r = min(rank, i, h) if rank is not None else rank_for_ratio(e, i, h, ratio, base_fraction=0.0)
-            factors = {p: _factorize(w.float(), r) for p, w in (("gate", info.gate), ("up", info.up))}
-            factors["down"] = _factorize(info.down.float(), r)
             dtype = info.gate_up_param.dtype
-            factors = {p: (u.to(dtype), v.to(dtype)) for p, (u, v) in factors.items()}
+            factors = {}
+            for proj, w in (("gate", info.gate), ("up", info.up), ("down", info.down)):
+                if stats is None:
+                    u, v = _factorize(w.float(), r)
+                else:
+                    gram = stats[idx].gram_mid if proj == "down" else stats[idx].gram_in
+                    pairs = [whitened_svd(w[j].float(), gram[j], r) for j in range(e)]
+                    u, v = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+                factors[proj] = (u.to(dtype), v.to(dtype))
             info.block.experts = LowRankExperts(factors, info.act_fn)
-            details[idx] = {"rank": r}
+            details[idx] = {"rank": r, "whitened": stats is not None}
     return Compressed(model.eval(), {"compressed": expert_params(model), "original": original}, details)
 
 

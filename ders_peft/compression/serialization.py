@@ -122,6 +122,14 @@ class _SavesCard:
 
         from ..atomic import atomic_write_text
 
+        if kwargs.get("save_original_format"):
+            raise ValueError(
+                "save_original_format=True is invalid for a D2-MoE model: its compressed experts have no legacy "
+                "checkpoint names (use ders_peft.decompress(model) for a standard checkpoint)."
+            )
+        # transformers would rename the tensors of a model loaded from a legacy checkpoint back to the legacy names
+        # (e.g. Mixtral's block_sparse_moe), which the ders_d2moe model type does not map back on load
+        kwargs["save_original_format"] = False
         out = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             atomic_write_text(os.path.join(save_directory, "README.md"), model_card(self))
