@@ -28,7 +28,7 @@ def reference_decode(codes: torch.Tensor, scales: torch.Tensor, bits: int, group
     raw = np.unpackbits(codes.numpy(), axis=-1, bitorder="little")[..., : in_features * bits]
     raw = raw.reshape(*codes.shape[:-1], in_features, bits).astype(np.int64)
     ints = (raw << np.arange(bits)).sum(-1)
-    q = 2 * ints - 1 if bits == 1 else ints - (2 ** (bits - 1) - 1)
+    q = 2 * ints - 1 if bits == 1 else ints - (2**bits - 1) / 2  # mid-rise half-integer levels
     g = in_features if group_size is None else group_size
     s = np.repeat(scales.detach().numpy().astype(np.float64), g, axis=-1)[..., :in_features]
     return torch.from_numpy(q * s)
@@ -118,7 +118,7 @@ def test_representable_matrix_is_exact(bits, group_size):
     if bits == 1:
         q = torch.randint(0, 2, (out_f, in_f), generator=gen) * 2 - 1
     else:
-        q = torch.randint(-m, m + 1, (out_f, in_f), generator=gen)
+        q = torch.randint(0, 2**bits, (out_f, in_f), generator=gen) - m  # every mid-rise level
     groups = packing.num_groups(in_f, group_size)
     g = group_size or in_f
     for j in range(groups):
