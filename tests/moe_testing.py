@@ -31,10 +31,8 @@ def _config(arch: str, **extra):
     if arch == "mixtral":
         return MixtralConfig(**COMMON, intermediate_size=FF, num_local_experts=E, **extra)
     if arch == "qwen2_moe":
-        return Qwen2MoeConfig(
-            **COMMON, intermediate_size=48, moe_intermediate_size=FF, shared_expert_intermediate_size=24,
-            num_experts=E, norm_topk_prob=False, **extra,
-        )  # fmt: skip
+        kw = {"intermediate_size": 48, "moe_intermediate_size": FF, "shared_expert_intermediate_size": 24}
+        return Qwen2MoeConfig(**COMMON, **{**kw, **extra}, num_experts=E, norm_topk_prob=False)
     if arch == "qwen3_moe":
         return Qwen3MoeConfig(
             **COMMON, intermediate_size=48, moe_intermediate_size=FF, num_experts=E, norm_topk_prob=True, head_dim=8,

@@ -371,3 +371,44 @@ def test_a_moe_loaded_from_a_legacy_checkpoint_round_trips(tmp_path):
     torch.testing.assert_close(_logits(again), _logits(small), atol=0, rtol=0)
     with pytest.raises(ValueError, match="save_original_format=True is invalid"):
         small.save_pretrained(tmp_path / "legacy", save_original_format=True)
+
+
+def _qwen2_moe_with_an_expert_sized_shared_expert():
+    from moe_testing import _config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config("qwen2_moe", shared_expert_intermediate_size=16)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # a trained (non-zero) shared-expert gate
+            layer.mlp.shared_expert_gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def test_a_shared_expert_of_the_experts_shape_becomes_one_more_delta(tmp_path):
+    from ders_peft.compression.d2_experts import D2SharedExpert
+
+    moe = _qwen2_moe_with_an_expert_sized_shared_expert()
+    full = compress(moe, CompressionConfig(method="d2moe", rank=10_000), calibration=CALIB)
+    assert all(isinstance(layer.mlp.shared_expert, D2SharedExpert) for layer in full.model.layers)
+    torch.testing.assert_close(_logits(full), _logits(moe), atol=1e-5, rtol=0)
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=0.4), calibration=CALIB)
+    counts = stored_expert_params(small)
+    direct = sum(p.numel() for layer in small.model.layers for p in layer.mlp.shared_expert.parameters())
+    assert counts["shared_compressed"] == direct < counts["shared_original"] == 2 * 3 * 16 * 32
+    small.save_pretrained(tmp_path / "d2")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "d2").eval()
+    assert isinstance(again.model.layers[0].mlp.shared_expert, D2SharedExpert)
+    torch.testing.assert_close(_logits(again), _logits(small), atol=0, rtol=0)
+    torch.testing.assert_close(_logits(decompress(small)), _logits(small), atol=1e-5, rtol=0)
+    kept = compress(moe, CompressionConfig(method="d2moe", ratio=0.4, compress_shared=False), calibration=CALIB)
+    assert not isinstance(kept.model.layers[0].mlp.shared_expert, D2SharedExpert)
+    kept_up, moe_up = (m.model.layers[0].mlp.shared_expert.up_proj.weight for m in (kept, moe))
+    assert torch.equal(kept_up, moe_up)
+
+
+def test_a_shared_expert_of_another_width_is_kept_whole_or_refused():
+    moe = tiny_model("qwen2_moe")  # shared expert 24 wide, routed experts 16
+    small = compress(moe, CompressionConfig(method="d2moe", ratio=0.4), calibration=CALIB)
+    assert type(small.model.layers[0].mlp.shared_expert) is type(moe.model.layers[0].mlp.shared_expert)
+    with pytest.raises(ValueError, match="compress_shared=True is invalid.*intermediate size 24"):
+        compress(moe, CompressionConfig(method="d2moe", ratio=0.4, compress_shared=True), calibration=CALIB)

@@ -95,7 +95,7 @@ def _ders_config(source: MoESource, config: CompressionConfig) -> DeRSConfig:
         seed=config.seed,
         shared_expert=shared,
         shared_expert_gate=source.settings.get("shared_expert_gate", False),
-        universal_delta_type="full" if shared and not config.compress_shared else None,
+        universal_delta_type="full" if shared and config.compress_shared is False else None,
         train_base=False,
         router_aux_loss_coef=source.settings.get("router_aux_loss_coef", 0.01),
         router_z_loss_coef=source.settings.get("router_z_loss_coef", 0.0),

@@ -39,8 +39,10 @@ class CompressionConfig:
             changed the test perplexity by under 0.1 % at 3-8 bits and by 0.14 points at 2 bits (+1.81 % vs
             +1.95 %), for 6-25 % more bytes (an fp32 scale per 64 entries); groups pay off on heavy-tailed deltas
             (Student-t(3) matrices: 4-bit error 0.28 per row vs 0.14 with groups of 32).
-        compress_shared: with a universal FFN (extended DeRS) or a Qwen2-MoE shared expert: ``True`` compresses its
-            delta like the experts' (N + 1 deltas over one base); ``False`` keeps its delta whole (dense).
+        compress_shared: the universal FFN (extended DeRS) or shared expert: compressed as one more delta over the
+            same base (``True``) or kept whole (``False``). ``None`` (default): DeRS methods compress it; D2-MoE
+            compresses a shared expert that has the routed experts' shape and keeps any other whole (``True`` then
+            refuses a shared expert of another width).
         seed: seed of DARE's random choice of kept entries (the same seed gives the same adapter).
         ratio: ``"d2moe"``: target share of the MoE's expert parameters removed (the D2-MoE paper's compression
             ratio), which sets each matrix's delta rank; ignored when ``rank`` is given.
@@ -64,7 +66,7 @@ class CompressionConfig:
     drop_rate: float = 0.9
     bits: int = 4
     group_size: int | None = None
-    compress_shared: bool = True
+    compress_shared: bool | None = None
     seed: int = 0
     ratio: float = 0.4
     rank: int | None = None
@@ -89,8 +91,8 @@ class CompressionConfig:
         size = self.group_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise _bad("group_size", size, "must be None (one scale per output row) or an integer >= 1")
-        if not isinstance(self.compress_shared, bool):
-            raise _bad("compress_shared", self.compress_shared, "must be True or False")
+        if self.compress_shared is not None and not isinstance(self.compress_shared, bool):
+            raise _bad("compress_shared", self.compress_shared, "must be None (automatic), True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", self.seed, "must be an integer >= 0")
         for name in ("ratio", "base_prune"):
@@ -116,6 +118,7 @@ class CompressionConfig:
         keep = {"method", "compress_shared"}
         if self.method == "d2moe":
             keep = {"method", "base_merge", "svd", "base_prune", "adaptive_ranks", "share_v", "trim_experts"}
+            keep |= {"compress_shared"}
             keep |= {"rank"} if self.rank is not None else {"ratio"}
         elif self.method == "quantize":
             keep |= {"bits", "group_size"}

@@ -115,3 +115,52 @@ class D2Experts(nn.Module):
 
     def stored_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class D2SharedExpert(nn.Module):
+    """A shared expert (Qwen2-MoE's ``shared_expert``, DeepSeek-V3's ``shared_experts``) compressed as one more delta
+    over its block's :class:`D2Experts` base: ``W_base + U V`` for gate, up and down. It replaces the block's shared
+    module (the block's sigmoid gate, where there is one, is kept). The base is read from ``experts`` (held by
+    reference, not as a submodule, so it is stored once)."""
+
+    def __init__(self, experts: D2Experts, ranks: dict[str, int], act_fn, dtype=None, device=None) -> None:
+        super().__init__()
+        fk = {"dtype": dtype, "device": device}
+        h, i = experts.hidden_size, experts.intermediate_size
+        shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        self.deltas = nn.ModuleDict({p: FlexLowRankDelta(1, *shapes[p], [ranks[p]], **fk) for p in PROJS})
+        self.act_fn = act_fn
+        object.__setattr__(self, "_experts", experts)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {p: d.ranks[0] for p, d in self.deltas.items()}
+
+    @torch.no_grad()
+    def load_(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> D2SharedExpert:
+        """``factors``: projection -> ``U`` ``(out, r)``, ``V`` ``(r, in)``; returns ``self``."""
+        for proj, (u, v) in factors.items():
+            self.deltas[proj].load_([u], [v])
+        return self
+
+    def _proj(self, x: torch.Tensor, base: torch.Tensor, proj: str) -> torch.Tensor:
+        d = self.deltas[proj]
+        out = x @ base.t()
+        if d.ranks[0]:
+            out = out + (x @ d.lora_a.weight.t()) @ d.lora_b.weight.t()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self._experts
+        h = self.act_fn(self._proj(x, e.base_gate, "gate_proj")) * self._proj(x, e.base_up, "up_proj")
+        return self._proj(h, e.base_down_full(), "down_proj")
+
+    @torch.no_grad()
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``W_base + U V`` per projection ``(out, in)`` (static base pruning applied)."""
+        e = self._experts
+        base = {"gate_proj": e.base_gate, "up_proj": e.base_up, "down_proj": e.base_down_full()}
+        return {p: base[p] + self.deltas[p].expert_delta(0) for p in PROJS}
+
+    def stored_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from .calibration import LayerStats, collect_statistics
 from .config import CompressionConfig
-from .d2_experts import PROJS, D2Experts
+from .d2_experts import PROJS, D2Experts, D2SharedExpert
 from .merging import merge_base
-from .moe_blocks import MoEBlockInfo, find_moe_blocks
+from .moe_blocks import _ARCHS, MoEBlockInfo, find_moe_blocks
 from .svd import adaptive_ranks, rank_for_ratio, shared_v_rank, shared_v_svd, truncated_svd, whitened_svd
 
 DEFAULT_CALIBRATION_LENGTH = 256
@@ -187,8 +187,43 @@ def d2moe_compress(
         layers_cfg[str(idx)] = {
             "ranks": per_expert, "kept_channels": kept[idx], "dynamic_prune": dynamic, "share_v": config.share_v
         }
+        shared_ranks = _compress_shared(info, experts, base, st, ranks[idx], config, dtype)
+        if shared_ranks is not None:
+            layers_cfg[str(idx)]["shared"] = {"ranks": shared_ranks}
     _record(model, config, layers_cfg, stats)
     return model.eval()
+
+
+def _compress_shared(info: MoEBlockInfo, experts: D2Experts, base, st: LayerStats, ranks, config, dtype):
+    """Replace the block's shared expert by one more delta over the merged base (when it has the routed experts'
+    shape and ``compress_shared`` allows it); returns its ranks, or None when it is kept whole. Its gate and up
+    deltas are whitened by the Gram of every calibration token; its down delta uses plain SVD (the calibration pass
+    records no shared-expert activations)."""
+    if info.shared_gate is None or config.compress_shared is False:
+        return None
+    shape = (info.intermediate_size, info.hidden_size)
+    if tuple(info.shared_gate.shape) != shape:
+        if config.compress_shared:
+            raise ValueError(
+                f"CompressionConfig.compress_shared=True is invalid for layer {info.layer_idx}: its shared expert has "
+                f"intermediate size {info.shared_gate.shape[0]}, the routed experts {shape[0]}; only a shared expert "
+                "of the experts' shape is a delta over their base (use None or False to keep it whole)."
+            )
+        return None
+    weights = {"gate_proj": info.shared_gate, "up_proj": info.shared_up, "down_proj": info.shared_down}
+    out_ranks, factors = {}, {}
+    for proj, w in weights.items():
+        delta = w.float() - base[proj]
+        r = ranks[proj] if isinstance(ranks[proj], int) else max(ranks[proj])
+        r = min(r, *delta.shape)
+        if config.svd == "whitened" and proj != "down_proj":
+            u, v = whitened_svd(delta, st.gram_in.sum(0), r)
+        else:
+            u, v = truncated_svd(delta, r)
+        out_ranks[proj], factors[proj] = r, (u.float(), v.float())
+    shared = D2SharedExpert(experts, out_ranks, info.shared_act_fn, dtype=torch.float32, device=info.gate.device)
+    setattr(info.block, _ARCHS[info.model_type][2], shared.load_(factors).to(dtype))
+    return out_ranks
 
 
 def _record(model: nn.Module, config: CompressionConfig, layers: dict, stats: dict[int, LayerStats]) -> None:
@@ -206,12 +241,18 @@ def _record(model: nn.Module, config: CompressionConfig, layers: dict, stats: di
 def stored_expert_params(model: nn.Module) -> dict[str, int]:
     """Routed-expert parameters stored by a D2-MoE model (``compressed``) and by the MoE it came from (``original``,
     from the shapes: experts x 3 x intermediate x hidden per block)."""
-    compressed = original = 0
+    compressed = original = shared = shared_original = 0
     for module in model.modules():
         if isinstance(module, D2Experts):
             compressed += module.stored_params()
             original += module.num_experts * 3 * module.intermediate_size * module.hidden_size
-    return {"compressed": compressed, "original": original}
+        elif isinstance(module, D2SharedExpert):
+            shared += module.stored_params()
+            shared_original += 3 * module._experts.intermediate_size * module._experts.hidden_size
+    out = {"compressed": compressed, "original": original}
+    if shared_original:  # compressed shared experts, counted apart (the ratio is the routed experts')
+        out.update(shared_compressed=shared, shared_original=shared_original)
+    return out
 
 
 def decompress(model: nn.Module) -> nn.Module:
@@ -227,12 +268,16 @@ def decompress(model: nn.Module) -> nn.Module:
     cfg.architectures = [cls.__name__]
     with init_empty_weights(include_buffers=False):
         target = cls(cfg)
-    state = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
+    compressed = [n for n, m in model.named_modules() if isinstance(m, D2Experts | D2SharedExpert)]
+    state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in compressed)}
     for name, module in model.named_modules():
         if isinstance(module, D2Experts):
             w = module.expert_weights()
             state[f"{name}.gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1)
             state[f"{name}.down_proj"] = w["down_proj"]
+        elif isinstance(module, D2SharedExpert):
+            for proj, w in module.weights().items():
+                state[f"{name}.{proj}.weight"] = w
     dtype = next(model.parameters()).dtype
     target.load_state_dict({k: v.to(dtype).clone() for k, v in state.items()}, strict=True, assign=True)
     if getattr(cfg, "tie_word_embeddings", False):

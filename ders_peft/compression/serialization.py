@@ -18,7 +18,7 @@ from __future__ import annotations
 from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .d2_experts import D2Experts
+from .d2_experts import D2Experts, D2SharedExpert
 
 QUANT_METHOD = "ders_d2moe"
 
@@ -50,6 +50,16 @@ def _decoder_layers(model):
     return _decoder_layers(model)
 
 
+def _shared_attr(model) -> str:
+    from .moe_blocks import _ARCHS
+
+    source = model.config.model_type.removeprefix(MODEL_TYPE_PREFIX)
+    attr = _ARCHS.get(source, (None, None, None))[2]
+    if attr is None:
+        raise ValueError(f"quantization_config (ders_d2moe) lists a shared expert, but {source!r} blocks have none")
+    return attr
+
+
 class D2MoEQuantizer(HfQuantizer):
     """Rebuilds the compressed experts before the checkpoint's weights are loaded."""
 
@@ -72,6 +82,13 @@ class D2MoEQuantizer(HfQuantizer):
                 kept_channels=spec["kept_channels"], dynamic_prune=spec["dynamic_prune"],
                 share_v=spec.get("share_v", False), dtype=gate_up.dtype, device=gate_up.device,
             )  # fmt: skip
+            if "shared" in spec:
+                attr = _shared_attr(model)
+                shared = D2SharedExpert(
+                    block.experts, spec["shared"]["ranks"], getattr(block, attr).act_fn, dtype=gate_up.dtype,
+                    device=gate_up.device,
+                )  # fmt: skip
+                setattr(block, attr, shared)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
