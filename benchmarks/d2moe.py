@@ -8,6 +8,9 @@ experts' parameters removed; the achieved share is reported from the stored para
 
 * D2-MoE (:func:`ders_peft.compress`, ``method="d2moe"``) with mean / frequency / Fisher base x plain / whitened SVD,
   without and with semi-dynamic base pruning (10 % of the base down projection, as the paper's table 12);
+* D2-MoE's extras on the variant chosen on validation, at 40 / 60 %: ShareV (one ``V`` per matrix shared by all
+  experts), adaptive ranks (appendix A.7) and trimming the deltas of the 1 / 2 least-used experts per layer (each
+  trimmed run is also compared with the untrimmed variant compressed to the trimmed run's achieved ratio);
 * the baselines of :mod:`ders_peft.compression.baselines`: expert pruning (NAEE-style), expert merging
   (MC-SMoE-style), plain per-expert truncated SVD.
 
@@ -87,6 +90,8 @@ class Settings:
     base_prunes: tuple[float, ...] = (0.0, 0.1)
     calib_samples: int = 256  # calibration sequences (seq_len tokens each) from the train split
     calib_sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)  # table-8 analogue (chosen D2-MoE variant, 40 %)
+    extras_ratios: tuple[float, ...] = (0.4, 0.6)  # ShareV / adaptive ranks / expert trimming on the chosen variant
+    trims: tuple[int, ...] = (1, 2)  # trim_experts: experts per layer whose delta is dropped
     heal_ratios: tuple[float, ...] = (0.4, 0.6)
     heal_steps: int = 100
     heal_batch: int = 16
@@ -122,6 +127,8 @@ QUICK = Settings(
     base_prunes=(0.0, 0.1),
     calib_samples=8,
     calib_sizes=(4, 8),
+    extras_ratios=(0.4, 0.6),
+    trims=(1, 2),
     heal_ratios=(0.4,),
     heal_steps=3,
     heal_batch=4,
@@ -342,9 +349,15 @@ def compress_d2(
     merge: str = "fisher",
     svd: str = "whitened",
     prune: float = 0.0,
+    share_v: bool = False,
+    trim: int = 0,
+    adaptive: bool = False,
 ) -> tuple[torch.nn.Module, dict]:
     kw = {"method": "d2moe", "base_merge": merge, "svd": svd, "base_prune": prune}
     kw |= {"rank": rank} if rank is not None else {"ratio": ratio}
+    kw |= {"share_v": True} if share_v else {}
+    kw |= {"trim_experts": trim} if trim else {}
+    kw |= {"adaptive_ranks": True} if adaptive else {}
     small = ders_peft.compress(model, ders_peft.CompressionConfig(**kw), calibration=calib, progress=False)
     stored = stored_expert_params(small)
     layers = small.config.quantization_config.layers
@@ -429,6 +442,120 @@ def choose_variant(d2: list[dict], s: Settings) -> str:
     for r in d2:
         by_variant.setdefault(r["variant"], []).append(r["val_ppl"])
     return min(by_variant, key=lambda v: statistics.fmean(by_variant[v]))
+
+
+EXTRAS = {"share_v": "+ ShareV", "adaptive": "+ adaptive ranks (A.7)"}
+
+
+def extra_label(extra: str) -> str:
+    if extra.startswith("trim"):
+        k = int(extra.removeprefix("trim"))
+        return f"+ trim {k} expert{'s' if k > 1 else ''} per layer"
+    if extra.startswith("untrimmed"):
+        k, side = extra.removeprefix("untrimmed").split("_")
+        where = {"above": "just above", "below": "just below", "equal": "at"}[side]
+        return f"untrimmed, achieved {where} the trim-{k} run's"
+    return EXTRAS[extra]
+
+
+def run_extras(model, calib, ref, blocks, s: Settings, chosen: str, cv: dict, log) -> list[dict]:
+    """ShareV, adaptive ranks and expert trimming on the chosen variant ``cv`` at each ``extras_ratios`` ratio.
+    After each trimmed run, the untrimmed variant at the two delta ranks whose achieved ratios bracket the trimmed
+    run's (one rank apart; a single run where one lands exactly on it): the equal-size comparison interpolates
+    between them (:func:`equal_size`)."""
+    h, i = s.moe["hidden_size"], s.moe["intermediate_size"]
+    step = (h + i) / (h * i)  # one delta rank less in every matrix of a layer adds this to the achieved ratio
+    out = []
+    for ratio in s.extras_ratios:
+        todo = [("share_v", {"share_v": True}), ("adaptive", {"adaptive": True})]
+        todo += [(f"trim{k}", {"trim": k}) for k in s.trims]
+        for extra, kw in todo:
+            e = {
+                "id": f"d2x_{extra}_{ratio:g}",
+                "family": "d2moe",
+                "variant": chosen,
+                "extra": extra,
+                "column": ratio,
+                "ratio": ratio,
+                "label": f"{chosen} {extra_label(extra)}",
+                "d2": cv | {"ratio": ratio} | kw,
+            }
+            res = run_entry(e, model, calib, ref, blocks, log)
+            out.append(res)
+            if extra.startswith("trim"):
+                k, got = kw["trim"], res["achieved_ratio"]
+                request = got  # the largest rank removing at least `got`: achieved at or just above it
+                for side in ("above", "below"):
+                    e = {
+                        "id": f"d2x_untrimmed{k}_{side}_{ratio:g}",
+                        "family": "d2moe",
+                        "variant": chosen,
+                        "extra": f"untrimmed{k}_{side}",
+                        "column": ratio,
+                        "ratio": request,
+                        "label": f"{chosen} untrimmed, {side} {got:.3f}",
+                        "d2": cv | {"ratio": request},
+                    }
+                    run = run_entry(e, model, calib, ref, blocks, log)
+                    if side == "above" and abs(run["achieved_ratio"] - got) < 1e-9:
+                        out.append(run | {"id": f"d2x_untrimmed{k}_equal_{ratio:g}", "extra": f"untrimmed{k}_equal"})
+                        break
+                    out.append(run)
+                    request = max(0.0, got - step)  # one rank more everywhere: achieved just below `got`
+    return out
+
+
+def equal_size(result: dict, k: int, ratio: float) -> dict | None:
+    """The untrimmed variant's test / val perplexity at the trim-``k`` run's achieved ratio (requested ``ratio``):
+    log perplexity interpolated linearly in the achieved ratio between the two bracketing untrimmed runs (or the
+    one run that lands on it). None when the runs are missing or do not bracket it."""
+    x = {e["id"]: e for e in result.get("extras", [])}
+    trim = x.get(f"d2x_trim{k}_{ratio:g}")
+    if trim is None:
+        return None
+    got = trim["achieved_ratio"]
+    exact = x.get(f"d2x_untrimmed{k}_equal_{ratio:g}")
+    if exact:
+        return {"test_ppl": exact["test_ppl"], "val_ppl": exact["val_ppl"], "achieved_ratio": got, "runs": [exact]}
+    hi, lo = x.get(f"d2x_untrimmed{k}_above_{ratio:g}"), x.get(f"d2x_untrimmed{k}_below_{ratio:g}")
+    if not (hi and lo) or not lo["achieved_ratio"] - 1e-9 <= got <= hi["achieved_ratio"] + 1e-9:
+        return None
+    span = hi["achieved_ratio"] - lo["achieved_ratio"]
+    w = min(1.0, max(0.0, (got - lo["achieved_ratio"]) / span)) if span > 0 else 0.0
+    out = {"achieved_ratio": got, "runs": [lo, hi]}
+    for key in ("test_ppl", "val_ppl"):
+        out[key] = math.exp((1 - w) * math.log(lo[key]) + w * math.log(hi[key]))
+    return out
+
+
+def trimmed_experts(entry: dict) -> dict[str, list[int]]:
+    """Per layer, the experts whose delta is trimmed (rank 0) in a D2-MoE entry."""
+    out = {}
+    for layer, per_proj in entry["details"]["ranks"].items():
+        r = per_proj["gate_proj"]
+        out[layer] = [i for i, x in enumerate(r) if x == 0] if isinstance(r, list) else []
+    return out
+
+
+def rank_summary(entry: dict) -> str:
+    """Delta ranks of an entry: per projection one number where every layer (and untrimmed expert) has the same,
+    else the per-layer ranks; trimmed experts (rank 0) noted."""
+    ranks = entry["details"]["ranks"]
+    parts = []
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        per_layer = []
+        for per_proj in ranks.values():
+            r = per_proj[proj]
+            per_layer.append(max(r) if isinstance(r, list) else r)
+        name = proj.removesuffix("_proj")
+        same = len(set(per_layer)) == 1
+        parts.append(f"{name} {per_layer[0]}" if same else f"{name} {'/'.join(map(str, per_layer))}")
+    text = ", ".join(parts)
+    trimmed = trimmed_experts(entry)
+    n = {len(v) for v in trimmed.values()}
+    if n != {0}:
+        text += f"; {'/'.join(str(len(v)) for v in trimmed.values()) if len(n) > 1 else n.pop()} per layer at rank 0"
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -843,6 +970,8 @@ def tables(result: dict) -> str:
             ),
             "",
         ]
+    if result.get("extras"):
+        md += [extras_table(result), ""]
     cal = result["calibration_sensitivity"]
     if cal:
         tok = s["moe"]["seq_len"]
@@ -935,6 +1064,58 @@ def tables(result: dict) -> str:
             "",
         ]
     return "\n".join(md)
+
+
+def extras_rows(result: dict) -> list[tuple[float, str, dict]]:
+    """(requested ratio, setting name, entry) of the extras table: per ratio the chosen variant as in the main grid,
+    then each extra in run order."""
+    by_id, chosen = _by_id(result), result["chosen_variant"]
+    rows = []
+    for ratio in result["settings"]["extras_ratios"]:
+        plain = by_id.get(f"d2_{chosen}_{ratio:g}")
+        if plain:
+            rows.append((ratio, f"{chosen} (main grid)", plain))
+        rows += [(ratio, extra_label(e["extra"]), e) for e in result["extras"] if e["column"] == ratio]
+    return rows
+
+
+def extras_table(result: dict) -> str:
+    s, ref = result["settings"], result["uncompressed"]
+    rows = []
+    for ratio, name, e in extras_rows(result):
+        rows.append(
+            [
+                _pct(ratio),
+                name,
+                _pct(e["achieved_ratio"]),
+                f"{e['test_ppl']:.3f}",
+                f"{e['test_ppl_rise_pct']:+.1f} %",
+                f"{e['val_ppl']:.3f}",
+                rank_summary(e),
+            ]
+        )
+    return "\n".join(
+        [
+            "### D2-MoE extras",
+            "",
+            f"The variant chosen on validation ({result['chosen_variant']}) with each of `CompressionConfig`'s "
+            "D2-MoE extras: `share_v=True` (ShareV: one V per matrix shared by all experts, from the SVD of the "
+            "stacked (whitened) deltas; each expert keeps its own U, and the saved budget buys a higher rank), "
+            "`adaptive_ranks=True` (appendix A.7: the same rank total spread over the layers by their delta "
+            f"energy) and `trim_experts=k` for k in {list(s['trims'])} (per layer the k least-used experts on the "
+            "calibration data keep no delta and compute the base alone; the other experts keep the rank of the "
+            "requested ratio, so trimming removes more than requested). The rows after each trimmed run are the "
+            "untrimmed variant at the two delta ranks whose achieved ratios bracket the trimmed run's: the "
+            "equal-size comparison in the discussion interpolates log perplexity between them. Achieved "
+            "ratio from `stored_expert_params`; rise over the uncompressed MoE's test perplexity "
+            f"{ref['test_ppl']:.3f} (validation {ref['val_ppl']:.3f}). Delta ranks: per projection, one number "
+            "where every layer has the same, else per layer.",
+            "",
+            _common.markdown_table(
+                ["requested", "setting", "achieved", "test ppl", "rise", "val ppl", "delta ranks"], rows
+            ),
+        ]
+    )
 
 
 def dead_expert_note(result: dict) -> list[str]:
@@ -1062,9 +1243,9 @@ def markdown(result: dict) -> str:
         "",
         "## Notes",
         "",
-        "- Nothing is chosen on the test split: the D2-MoE variant used for the calibration, healing and generation "
-        "sections is the one with the lowest mean validation perplexity over the ratios; the calibration size "
-        f"({s['calib_samples']} samples) was set from a first run's validation numbers (the same sweep as the "
+        "- Nothing is chosen on the test split: the D2-MoE variant used for the extras, calibration, healing and "
+        "generation sections is the one with the lowest mean validation perplexity over the ratios; the calibration "
+        f"size ({s['calib_samples']} samples) was set from a first run's validation numbers (the same sweep as the "
         "calibration table).",
         "- Saving a D2-MoE model: `save_pretrained` of a model compressed from a Mixtral *loaded with "
         "`from_pretrained`* writes, by transformers' default `save_original_format=True`, the compressed experts "
@@ -1084,6 +1265,10 @@ def markdown(result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ids(entries: list[dict]) -> set[str]:
+    return {e["id"] for e in entries}
 
 
 def sanity_lines(result: dict) -> list[str]:
@@ -1114,6 +1299,21 @@ def sanity_lines(result: dict) -> list[str]:
         f"- Largest |achieved - requested| ratio over the D2-MoE grid: {worst:.4f} (the rank is the largest "
         "that removes at least the requested share)."
     )
+    extras = result.get("extras", [])
+    if extras:
+        sv = [e["achieved_ratio"] - e["ratio"] for e in extras if e["extra"] == "share_v"]
+        plain = {r["ratio"]: r for r in result["d2"] if r["variant"] == result["chosen_variant"]}
+        trims = [e for e in extras if e["extra"].startswith("trim") and e["ratio"] in plain]
+        above = sum(e["achieved_ratio"] > plain[e["ratio"]]["achieved_ratio"] for e in trims)
+        s = result["settings"]
+        pairs = [(k, r) for k in s["trims"] for r in s["extras_ratios"] if f"d2x_trim{k}_{r:g}" in _ids(extras)]
+        bracketed = sum(equal_size(result, k, r) is not None for k, r in pairs)
+        out.append(
+            f"- Extras: ShareV achieved - requested ratio {min(sv, default=0):+.4f} to {max(sv, default=0):+.4f}; "
+            f"trimmed runs above the untrimmed variant's achieved ratio at the same request: {above} of "
+            f"{len(trims)}; trimmed runs whose achieved ratio the two untrimmed runs bracket: {bracketed} of "
+            f"{len(pairs)}."
+        )
     return out
 
 
@@ -1138,6 +1338,123 @@ def _rank(entry: dict) -> int:
     else:  # svd_experts: {layer: {"rank": r}}
         return int(next(iter(entry["details"].values()))["rank"])
     return int(ranks[0] if isinstance(ranks, list) else ranks)
+
+
+def _rel(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.2f} %"
+
+
+def extras_reading(result: dict) -> list[str]:
+    """The extras bullets: each extra against the plain chosen variant at (nearly) the same achieved ratio, on the
+    test split, with how often validation orders the pair the same way."""
+    extras = result.get("extras", [])
+    if not extras:
+        return []
+    by_id, chosen = _by_id(result), result["chosen_variant"]
+    x = {e["id"]: e for e in extras}
+    ratios = result["settings"]["extras_ratios"]
+    out, agree, pairs = [], 0, 0
+    tally: dict[str, list[bool]] = {}  # extra -> [val says the extra is lower] per ratio
+
+    def pair(extra: str, mine: dict, other: dict) -> None:
+        nonlocal agree, pairs
+        val_low, test_low = mine["val_ppl"] < other["val_ppl"], mine["test_ppl"] < other["test_ppl"]
+        tally.setdefault(extra, []).append(val_low)
+        agree += val_low == test_low
+        pairs += 1
+
+    for extra, what in (("share_v", "ShareV"), ("adaptive", "Adaptive ranks")):
+        parts = []
+        for r in ratios:
+            mine, plain = x.get(f"d2x_{extra}_{r:g}"), by_id.get(f"d2_{chosen}_{r:g}")
+            if not (mine and plain):
+                continue
+            pair(extra, mine, plain)
+            parts.append(
+                f"{_pct(r)}: {mine['test_ppl']:.2f} ({_pct(mine['achieved_ratio'])}, {rank_summary(mine)}) vs "
+                f"{plain['test_ppl']:.2f} ({_pct(plain['achieved_ratio'])}, {rank_summary(plain)}), "
+                f"{_rel(mine['test_ppl'], plain['test_ppl'])}"
+            )
+        if parts:
+            same = [
+                x[f"d2x_adaptive_{r:g}"]["stored"] == by_id[f"d2_{chosen}_{r:g}"]["stored"]
+                for r in ratios
+                if f"d2x_adaptive_{r:g}" in x and f"d2_{chosen}_{r:g}" in by_id
+            ]
+            note = ""
+            if extra == "adaptive":
+                note = (
+                    " Both store the same parameters (the same rank total, moved between layers)."
+                    if all(same)
+                    else " The stored sizes differ (see the achieved ratios)."
+                )
+            elif all(v is False for v in tally.get("share_v", [])) and all(
+                x[f"d2x_share_v_{r:g}"]["test_ppl"] > by_id[f"d2_{chosen}_{r:g}"]["test_ppl"]
+                for r in ratios
+                if f"d2x_share_v_{r:g}" in x and f"d2_{chosen}_{r:g}" in by_id
+            ):
+                e = result["settings"]["moe"]["num_experts"]
+                unrelated = result["moe"]["diversity"]["all"]["mean_share"] < 2 / e
+                note = (
+                    " Higher on both splits at every ratio: the higher rank does not pay, one V having to serve the "
+                    f"input row spaces of all {e} experts"
+                    + (", which here share almost nothing (diversity table)." if unrelated else ".")
+                )
+            out.append(f"- **{what}** against the plain variant: " + "; ".join(parts) + "." + note)
+    per_layer = result["moe"]["router_balance"]["per_layer"]
+    for k in result["settings"]["trims"]:
+        parts = []
+        for r in ratios:
+            mine, equal = x.get(f"d2x_trim{k}_{r:g}"), equal_size(result, k, r)
+            plain = by_id.get(f"d2_{chosen}_{r:g}")
+            if not (mine and equal):
+                continue
+            pair(f"trim{k}", mine, equal)
+            runs = " and ".join(f"{u['test_ppl']:.2f} at {_pct(u['achieved_ratio'])}" for u in equal["runs"])
+            text = (
+                f"{_pct(r)} requested: {mine['test_ppl']:.2f} at {_pct(mine['achieved_ratio'])} achieved vs "
+                f"untrimmed {equal['test_ppl']:.2f} at the same size ({runs}"
+                + (", interpolated" if len(equal["runs"]) > 1 else "")
+                + f"): {_rel(mine['test_ppl'], equal['test_ppl'])}"
+            )
+            if plain:
+                text += (
+                    f"; against the untrimmed run at the same request ({plain['test_ppl']:.2f} at "
+                    f"{_pct(plain['achieved_ratio'])}) {_rel(mine['test_ppl'], plain['test_ppl'])}"
+                )
+            fewer = x.get(f"d2x_trim{k - 1}_{r:g}")
+            if fewer:
+                text += (
+                    f", against trimming {k - 1} at the same request ({fewer['test_ppl']:.2f} at "
+                    f"{_pct(fewer['achieved_ratio'])}) {_rel(mine['test_ppl'], fewer['test_ppl'])}"
+                )
+            parts.append(text)
+        if not parts:
+            continue
+        trimmed = trimmed_experts(x[f"d2x_trim{k}_{ratios[0]:g}"])
+        loads = [sum(per_layer[layer][i] for i in idx) for layer, idx in trimmed.items()]
+        top = max(((layer, i) for layer, idx in trimmed.items() for i in idx), key=lambda li: per_layer[li[0]][li[1]])
+        out.append(
+            f"- **Trimming {k} expert{'s' if k > 1 else ''} per layer** (their deltas dropped: "
+            + "; ".join(f"layer {layer}: {', '.join(map(str, idx))}" for layer, idx in trimmed.items())
+            + f", together {_pct(min(loads))} to {_pct(max(loads))} of a layer's routed slots on the calibration "
+            f"data; the busiest trimmed expert is layer {top[0]}'s expert {top[1]} with "
+            f"{_pct(per_layer[top[0]][top[1]])}: `trim_experts` drops the same count in every layer, whatever the "
+            "load): " + "; ".join(parts) + "."
+        )
+    if pairs:
+        val = "; ".join(
+            f"{extra_label(e).removeprefix('+ ')} lower at {sum(v)} of {len(v)} ratios" for e, v in tally.items()
+        )
+        keep = [extra_label(e).removeprefix("+ ") for e, v in tally.items() if all(v)]
+        out.append(
+            "- **Extras on validation** (the split a choice would be made on; each extra against the plain variant, "
+            f"trimmed runs against the untrimmed one of equal size): {val}. The test split orders {agree} of {pairs} "
+            "of these pairs the same way. A choice on validation would keep "
+            + (" and ".join(keep) if keep else "none of the extras")
+            + " (lower at every ratio measured)."
+        )
+    return out
 
 
 def explain(result: dict) -> list[str]:
@@ -1224,6 +1541,7 @@ def explain(result: dict) -> list[str]:
             f"the lowest of the {len(s['merges']) * len(s['svds']) * len(s['base_prunes'])} D2-MoE variants on the "
             f"test split (reported, not chosen on) is {best40['label']} with {best40['test_ppl_rise_pct']:+.1f} %."
         )
+    out += extras_reading(result)
     cal = result["calibration_sensitivity"]
     if len(cal) >= 2:
         last, prev = cal[-1], cal[-2]
@@ -1337,6 +1655,20 @@ def plot(result: dict, path: Path) -> None:
         ms=11,
         label=f"chosen on val: {result['chosen_variant']}",
     )
+    extra_style = {"share_v": ("v", "tab:olive"), "adaptive": ("<", "tab:pink"), "trim": ("X", "tab:gray")}
+    for key, (marker, color) in extra_style.items():
+        rows = [e for e in result.get("extras", []) if e["extra"].startswith(key)]
+        if rows:
+            ax.plot(
+                [100 * e["achieved_ratio"] for e in rows],
+                [e["test_ppl"] for e in rows],
+                marker,
+                color=color,
+                ms=8,
+                mec="k",
+                mew=0.5,
+                label=f"chosen + {'trim 1 / 2 experts' if key == 'trim' else extra_label(key).removeprefix('+ ')}",
+            )
     ax.axhline(ref, color="k", lw=0.8, ls=":", label="uncompressed")
     ax.axhline(ref * 1.1, color="k", lw=0.6, ls="--", alpha=0.5, label="uncompressed + 10 %")
     ax.set_yscale("log")
@@ -1490,6 +1822,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     timings["matched_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    log(f"D2-MoE extras on {chosen} at {list(s.extras_ratios)}")
+    extras = run_extras(model, calib, ref, blocks, s, chosen, cv, log)
+    timings["extras_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     cal = []
     for n in s.calib_sizes:
         if n == s.calib_samples and 0.4 in s.ratios:
@@ -1554,6 +1891,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "baselines": base,
         "chosen_variant": chosen,
         "matched": matched,
+        "extras": extras,
         "calibration_sensitivity": cal,
         "healing": healing,
         "generation": {"prompt": prompt, "arms": gen},

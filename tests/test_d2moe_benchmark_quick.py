@@ -97,3 +97,36 @@ def test_generation_arms(quick):
         assert a["tokens_per_s"] > 0 and a["new_tokens"] == result["settings"]["gen_new_tokens"], name
         assert a["same_tokens_as_in_memory"] is True, name
     assert arms["d2moe_0.4"]["parameters"] < arms["moe"]["parameters"]
+
+
+def test_d2moe_extras(quick):
+    """ShareV, adaptive ranks and expert trimming on the chosen variant: every row exists and is sane."""
+    result, out = quick
+    s, chosen = result["settings"], result["chosen_variant"]
+    m = s["moe"]
+    original = m["num_layers"] * m["num_experts"] * 3 * m["intermediate_size"] * m["hidden_size"]
+    extras = {e["id"]: e for e in result["extras"]}
+    grid = {e["id"]: e for e in result["d2"]}
+    assert "### D2-MoE extras" in (out / "d2moe.md").read_text()
+    for e in extras.values():
+        assert e["stored"]["original"] == original and e["variant"] == chosen, e["id"]
+        assert math.isclose(e["achieved_ratio"], 1 - e["stored"]["compressed"] / original), e["id"]
+        assert all(math.isfinite(e[k]) and e[k] > 1 for k in ("test_ppl", "val_ppl")), e["id"]
+    for r in s["extras_ratios"]:
+        plain = grid[f"d2_{chosen}_{r:g}"]
+        share_v = extras[f"d2x_share_v_{r:g}"]
+        assert share_v["settings"]["share_v"] is True
+        assert share_v["achieved_ratio"] >= r - 0.02, share_v["achieved_ratio"]
+        adaptive = extras[f"d2x_adaptive_{r:g}"]
+        assert adaptive["stored"] == plain["stored"]  # the same rank total, moved between layers
+        previous = plain["achieved_ratio"]
+        for k in s["trims"]:
+            trim = extras[f"d2x_trim{k}_{r:g}"]
+            assert trim["achieved_ratio"] > previous + 1e-9, (k, r, trim["achieved_ratio"], previous)
+            previous = trim["achieved_ratio"]
+            for layer, per_proj in trim["details"]["ranks"].items():  # k experts per layer keep no delta
+                for proj, ranks in per_proj.items():
+                    assert isinstance(ranks, list) and sum(x == 0 for x in ranks) == k, (layer, proj, ranks)
+            untrimmed = [e for e in extras.values() if e["extra"].startswith(f"untrimmed{k}_") and e["column"] == r]
+            got = [u["achieved_ratio"] for u in untrimmed]
+            assert untrimmed and min(got) - 1e-9 <= trim["achieved_ratio"] <= max(got) + 1e-9, (k, r, got)

@@ -181,10 +181,11 @@ def shared_v_svd(
 
 def shared_v_rank(num_experts: int, out_features: int, in_features: int, ratio: float, base_fraction: float) -> int:
     """Largest ShareV rank removing ``ratio`` of the experts' parameters: the base, ``E * r * out`` for the U's and
-    ``r * in`` for the one V: r = floor(((1 - ratio) E m - base_fraction m) / (E out + in)), clamped."""
+    ``r * in`` for the one V: r = floor(((1 - ratio) E m - base_fraction m) / (E out + in)), clamped to the stacked
+    deltas' rank ``min(E * out, in)``."""
     m = out_features * in_features
     budget = (1.0 - ratio) * num_experts * m - base_fraction * m
     if budget < -1e-9 * m:
         raise ValueError(f"ratio {ratio} is unreachable with {num_experts} experts (the base alone keeps more)")
     rank = math.floor(budget / (num_experts * out_features + in_features) + 1e-9)
-    return max(0, min(rank, out_features, in_features))
+    return max(0, min(rank, num_experts * out_features, in_features))  # one V spans the stacked deltas' rows
