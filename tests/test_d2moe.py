@@ -420,4 +420,3 @@ def test_share_v_rank_uses_the_budget_up_to_the_stacked_rank():
     # 8 experts of (128 x 344) down projections at 20 %: the budget allows rank 174 > min(out, in) = 128
     assert shared_v_rank(8, 128, 344, 0.2, 1.0) == (int((0.8 * 8 - 1) * 128 * 344 // (8 * 128 + 344)))
     assert shared_v_rank(8, 128, 344, 0.2, 1.0) > 128
-    assert shared_v_rank(2, 4, 100, 0.0, 0.0) == 8  # capped by the stacked deltas' rank, 2 x 4
