@@ -4,17 +4,22 @@ The MoE is real: the project's pretrained small Llama (:func:`ders_peft.local_co
 vanilla-upcycled (``DeRSConfig(delta_type="full")``, N=8, top-2, every block) and trained (experts + router) on the
 held-apart stdlib code domain (:func:`~ders_peft.local_corpus.code_domain_files`, split by file into train /
 validation / test) until it is clearly better there than the dense model. A dense model fine-tuned on the same
-parameters for the same steps is trained beside it, and a second MoE with a universal FFN (``shared_expert=True``) for
-extended compression. The trained models are cached on disk, so a rerun only compresses, evaluates and times.
+parameters for the same steps is trained beside it, a second MoE with a universal FFN (``shared_expert=True``) for
+extended compression, a control MoE at a 10x lower learning rate (smaller deltas) and, in the paper's regime, a
+whole-model MoE: the same upcycling with every parameter trained (experts + router, and attention, norms, embeddings
+and head as ``modules_to_save``) at a fine-tuning learning rate chosen on the validation split from a small grid, with
+a dense model whose every parameter is fine-tuned at that learning rate beside it. The trained models are cached on
+disk, so a rerun only compresses, evaluates and times.
 
 Then :func:`ders_peft.compress` turns the MoE into dense model + compressed deltas: DARE and magnitude pruning at
-0.2 ... 0.99 (DARE over several seeds at 0.9 / 0.99), 8 ... 1-bit quantization with one scale per row and with group
-scales; on the extended MoE a few settings with the universal FFN compressed and kept whole. For every setting: test
-perplexity (exp of the mean token loss on the test split; nothing is chosen on it), Added Params
-(:func:`ders_peft.parameter_report`, the paper's counting), bytes of the saved adapter on disk,
-:func:`ders_peft.compression_report`, and how far the compressed expert weights are from the trained ones. Finally
-greedy generation tokens/s and peak resident memory (``VmHWM`` of a fresh process per arm, arms timed in interleaved
-rounds) of the dense model, the uncompressed MoE and three compressed ones.
+0.2 ... 0.99 (DARE over several seeds at 0.9), 8 ... 1-bit quantization with one scale per row and with group scales;
+on the extended MoE a few settings with the universal FFN compressed and kept whole; on the control and the
+whole-model MoE the goal settings and a few more (the whole-model MoE's compressed adapter carries its trained
+non-expert modules as ``modules_to_save``). For every setting: test perplexity (exp of the mean token loss on the
+test split; nothing is chosen on it), Added Params (:func:`ders_peft.parameter_report`, the paper's counting), bytes
+of the saved adapter on disk, :func:`ders_peft.compression_report`, and how far the compressed expert weights are
+from the trained ones. Finally greedy generation tokens/s and peak resident memory (``VmHWM`` of a fresh process per
+arm, arms timed in interleaved rounds) of the dense model, the uncompressed MoE and three compressed ones.
 
     python benchmarks/compression.py            # full run: docs/compression.{json,md,png}
     python benchmarks/compression.py --quick    # tiny sizes, < 1 min, into a temporary folder (or --out DIR)
@@ -71,18 +76,43 @@ class Settings:
     split_seed: int = 0
     train_chars: int | None = None  # None: the whole train split
     max_eval_blocks: int | None = None  # None: every validation / test block
-    drop_rates: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99)
+    # the experts-only grid, trimmed to fit the whole-model arm in 30 minutes (the 2026-12-02 run also had drop rate 0,
+    # 3 seeds at DARE 0.99, group scales at 8 and 4 bits and DARE 0.99 on the extended MoE; see docs/compression.md)
+    drop_rates: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 0.9, 0.99)
     dare_seeds: tuple[int, ...] = (0, 1, 2)
-    seeded_rates: tuple[float, ...] = (0.9, 0.99)  # DARE rates run with every seed of dare_seeds
+    seeded_rates: tuple[float, ...] = (0.9,)  # DARE rates run with every seed of dare_seeds (on every MoE)
     bits: tuple[int, ...] = (8, 4, 3, 2, 1)
+    group_bits: tuple[int, ...] = (3, 2, 1)  # bit widths also run with group scales
     group_size: int = 64  # the "group scales" variant; the other has one scale per row
-    extended: tuple[tuple[str, float], ...] = (("dare", 0.9), ("dare", 0.99), ("quantize", 2), ("quantize", 1))
+    extended: tuple[tuple[str, float], ...] = (("dare", 0.9), ("quantize", 2), ("quantize", 1))
     control_lr_factor: float = 0.1  # the control MoE: the same training at a 10x lower learning rate
     control: tuple[tuple[str, float], ...] = (
         ("dare", 0.9),
         ("dare", 0.99),
         ("magnitude", 0.9),
         ("quantize", 2),
+        ("quantize_group", 2),
+        ("quantize", 1),
+    )
+    # the whole-model MoE: every non-FFN module trained too (peft matches a name by the end of the module's name)
+    whole_modules: tuple[str, ...] = (
+        "embed_tokens",
+        "self_attn",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "model.norm",
+        "lm_head",
+    )
+    whole_lr_grid: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3)  # fine-tuning learning rates; chosen on validation
+    whole: tuple[tuple[str, float], ...] = (
+        ("dare", 0.9),
+        ("dare", 0.99),
+        ("magnitude", 0.9),
+        ("quantize", 8),
+        ("quantize", 4),
+        ("quantize", 3),
+        ("quantize", 2),
+        ("quantize_group", 2),
         ("quantize", 1),
     )
     gen_arms: tuple[str, ...] = ("dense", "moe", "dare_0.9", "quant_2_row", "quant_4_row")
@@ -120,9 +150,12 @@ QUICK = Settings(
     dare_seeds=(0, 1),
     seeded_rates=(0.9,),
     bits=(8, 2),
+    group_bits=(8, 2),
     group_size=16,
     extended=(("dare", 0.9), ("quantize", 2)),
-    control=(("dare", 0.9), ("quantize", 2)),
+    control=(("dare", 0.9), ("quantize", 2), ("quantize_group", 2)),
+    whole_lr_grid=(1e-3, 3e-3),
+    whole=(("dare", 0.9), ("quantize", 2), ("quantize_group", 2)),
     gen_arms=("dense", "moe", "dare_0.9"),
     gen_prompts=2,
     gen_prompt_len=8,
@@ -153,7 +186,7 @@ def load_base(base_dir: Path) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
 
 
-def moe_config(s: Settings, shared: bool) -> ders_peft.DeRSConfig:
+def moe_config(s: Settings, shared: bool, whole: bool = False) -> ders_peft.DeRSConfig:
     return ders_peft.DeRSConfig(
         target_modules=["mlp"],
         num_experts=s.num_experts,
@@ -162,6 +195,7 @@ def moe_config(s: Settings, shared: bool) -> ders_peft.DeRSConfig:
         shared_expert=shared,
         seed=s.seed,
         task_type="CAUSAL_LM",
+        modules_to_save=list(s.whole_modules) if whole else None,
     )
 
 
@@ -170,59 +204,97 @@ TRAINED = {
     "moe_shared": "Vanilla MoE + universal FFN (extended)",
     "dense_ft": "Dense, MLPs fine-tuned (same steps)",
     "moe_lowlr": "Control: vanilla MoE, learning rate x0.1",
+    "moe_whole": "Whole-model MoE (experts + router + every other module trained)",
+    "dense_whole": "Dense, whole model fine-tuned (same steps, the whole-model MoE's lr)",
 }
+FIXED_LR = ("moe", "moe_shared", "dense_ft", "moe_lowlr")  # trained at the lr of Settings (x the control factor)
+MOES = {"moe": "experts-only MoE", "moe_lowlr": "control MoE (lr x0.1)", "moe_whole": "whole-model MoE"}
+GRID_PREFIX = {"moe": "", "moe_lowlr": "ctl_", "moe_whole": "whole_"}  # family prefix of each MoE's settings
 
 
-def trained_dir(root: Path, kind: str, s: Settings) -> Path:
+def kind_lr(kind: str, s: Settings, lr: float | None = None) -> float:
+    if lr is not None:
+        return lr
+    return s.lr * (s.control_lr_factor if kind == "moe_lowlr" else 1.0)
+
+
+def trained_dir(root: Path, kind: str, s: Settings, lr: float | None = None) -> Path:
+    if kind in ("moe_whole", "dense_whole"):
+        return root / f"{kind}_lr{lr:g}"
     return root / (f"moe_lr_x{s.control_lr_factor:g}" if kind == "moe_lowlr" else kind)
 
 
-def build_trainable(kind: str, base_dir: Path, s: Settings) -> torch.nn.Module:
-    """A fresh model of ``kind`` ready to train: the MoEs train experts + router; ``dense_ft`` trains the same
-    dense parameters (the MLPs) in place."""
+def non_ffn_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if ".mlp." not in n)
+
+
+def build_trainable(kind: str, base_dir: Path, s: Settings) -> tuple[torch.nn.Module, dict]:
+    """A fresh model of ``kind`` ready to train and a count of what trains. The MoEs train experts + router
+    (``moe_whole`` also a trainable copy of every non-FFN module: ``modules_to_save``); ``dense_ft`` trains the same
+    dense parameters (the MLPs) in place, ``dense_whole`` every parameter."""
     from peft import get_peft_model
 
     base = load_base(base_dir)
-    if kind == "dense_ft":
+    if kind in ("dense_ft", "dense_whole"):
         for name, param in base.named_parameters():
-            param.requires_grad_(".mlp." in name)
-        return base
-    return get_peft_model(base, moe_config(s, shared=kind == "moe_shared"))
+            param.requires_grad_(kind == "dense_whole" or ".mlp." in name)
+        return base, {}
+    non_ffn = non_ffn_params(base)
+    model = get_peft_model(base, moe_config(s, shared=kind == "moe_shared", whole=kind == "moe_whole"))
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    copies = sum(v for n, v in trainable.items() if ".modules_to_save." in n)
+    if kind == "moe_whole":
+        # every non-FFN parameter of the dense model has exactly one trainable copy (peft matched what we meant)
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad and ".mlp." not in n]
+        wrapped = {n.split(".original_module.")[0] for n in frozen if ".original_module." in n}
+        if copies != non_ffn or any(".original_module." not in n for n in frozen):
+            raise RuntimeError(
+                f"whole-model MoE: modules_to_save={list(s.whole_modules)} gives {copies:,} trainable copied "
+                f"parameters, the dense model has {non_ffn:,} outside its FFNs (frozen, not copied: "
+                f"{[n for n in frozen if '.original_module.' not in n][:4]})"
+            )
+        info = {"modules_to_save": list(s.whole_modules), "wrapped_modules": len(wrapped)}
+    else:
+        info = {}
+    return model, info | {"experts_router_params": sum(trainable.values()) - copies, "copied_params": copies}
 
 
 def load_trained(kind: str, path: Path, base_dir: Path) -> torch.nn.Module:
-    if kind == "dense_ft":
+    if kind in ("dense_ft", "dense_whole"):
         return load_base(path / "model")
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load_base(base_dir), path / "adapter").eval()
 
 
-def trained_model(kind: str, root: Path, base_dir: Path, s: Settings, blocks: dict, log) -> tuple:
-    """The trained model of ``kind`` from the cache, or trained now and cached (atomically); returns it and its
-    training record (steps, tokens, seconds, losses)."""
-    final = trained_dir(root, kind, s)
+def trained_model(kind: str, root: Path, base_dir: Path, s: Settings, blocks: dict, log, lr: float | None = None):
+    """The trained model of ``kind`` (at ``lr``, default: the settings') from the cache, or trained now and cached
+    (atomically); returns it and its training record (steps, tokens, seconds, losses)."""
+    lr = kind_lr(kind, s, lr)
+    final = trained_dir(root, kind, s, lr)
     meta_path = final / "train.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        log(f"{kind}: cached ({meta['train_seconds']:.0f} s of training when built)")
-        return load_trained(kind, final, base_dir), meta | {"cached": True}
-    model = build_trainable(kind, base_dir, s)
-    log(f"{kind}: training {s.steps} steps x {s.batch_size} x {s.seq_len} tokens")
+        if meta.get("modules_to_save", list(s.whole_modules)) == list(s.whole_modules):
+            log(f"{final.name}: cached ({meta['train_seconds']:.0f} s of training when built)")
+            return load_trained(kind, final, base_dir), meta | {"cached": True}
+        log(f"{final.name}: cached with other modules_to_save, retraining")
+    model, info = build_trainable(kind, base_dir, s)
+    log(f"{final.name}: training {s.steps} steps x {s.batch_size} x {s.seq_len} tokens at lr {lr:g}")
     start = time.perf_counter()
     losses = lc.pretrain(
         model,
         blocks["train"],
         steps=s.steps,
         batch_size=s.batch_size,
-        lr=s.lr * (s.control_lr_factor if kind == "moe_lowlr" else 1.0),
+        lr=lr,
         seed=s.seed,
         weight_decay=0.0,
         log_every=0 if s.steps < 50 else 100,
     )
     seconds = time.perf_counter() - start
     meta = {
-        "lr": s.lr * (s.control_lr_factor if kind == "moe_lowlr" else 1.0),
+        "lr": lr,
         "steps": s.steps,
         "tokens": s.tokens_per_run,
         "train_seconds": seconds,
@@ -231,20 +303,67 @@ def trained_model(kind: str, root: Path, base_dir: Path, s: Settings, blocks: di
         "train_loss_first": losses[0],
         "train_loss_last10": statistics.fmean(losses[-10:]),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **info,
         "commit": git_commit(),
+        "ders_peft_source_digest": library_digest(),
     }
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        model.save_pretrained(tmp / ("model" if kind == "dense_ft" else "adapter"))
+        model.save_pretrained(tmp / ("model" if kind.startswith("dense") else "adapter"))
         (tmp / "train.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the directory complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"{kind}: trained in {seconds:.0f} s ({meta['tokens_per_s']:.0f} tokens/s)")
+    log(f"{final.name}: trained in {seconds:.0f} s ({meta['tokens_per_s']:.0f} tokens/s)")
     return load_trained(kind, final, base_dir), meta | {"cached": False}
+
+
+def choose_whole_lr(root: Path, base_dir: Path, s: Settings, blocks: dict, log) -> tuple:
+    """Train the whole-model MoE at every lr of ``whole_lr_grid`` (same steps and batches) and keep the one with the
+    lowest validation perplexity; the test split is evaluated on the chosen one only. Returns it, its record (with
+    the search) and the seconds the candidates took to train (cached ones: when built)."""
+    search, best = [], None
+    for lr in s.whole_lr_grid:
+        model, meta = trained_model("moe_whole", root, base_dir, s, blocks, log, lr=lr)
+        val = lc.evaluate_loss(model, blocks["val"])
+        search.append(
+            {
+                "lr": lr,
+                "val_loss": val,
+                "val_ppl": math.exp(val),
+                "cached": meta["cached"],
+                "seconds": meta["train_seconds"],
+            }
+        )
+        log(f"  whole-model MoE, lr {lr:g}: val ppl {math.exp(val):.3f}")
+        if best is None or val < best[2]:
+            best = (model, meta, val)
+        del model
+    model, meta, _ = best
+    chosen = meta["lr"]
+    edge = chosen in (min(s.whole_lr_grid), max(s.whole_lr_grid)) and len(s.whole_lr_grid) > 1
+    return model, meta | {"lr_search": search, "lr_chosen": chosen, "lr_at_grid_edge": edge}
+
+
+def deltas_dropped(moe: torch.nn.Module, base_dir: Path) -> torch.nn.Module:
+    """The dense model with the whole-model MoE's trained non-expert modules: the MoE with every expert delta
+    dropped (the router's weights then sum to one over identical FFNs)."""
+    dense = load_base(base_dir)
+    marker = ".modules_to_save.default."
+    state = {
+        n.removeprefix("base_model.model.").replace(marker, "."): p.detach()
+        for n, p in moe.named_parameters()
+        if marker in n
+    }
+    missing = [k for k in dense.state_dict() if ".mlp." not in k and k not in state]
+    unexpected = [k for k in state if k not in dense.state_dict()]
+    if missing or unexpected:
+        raise RuntimeError(f"deltas_dropped: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    dense.load_state_dict(state, strict=False)
+    return dense.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,7 +460,7 @@ def settings_grid(s: Settings) -> list[dict]:
                 entry = {"id": sid, "family": method, "setting": p, "seed": seed, "kwargs": kw}
                 grid.append(entry | {"show_seed": seed != s.dare_seeds[0]})
     for scales, group in (("row", None), ("group", s.group_size)):
-        for k in s.bits:
+        for k in s.bits if group is None else s.group_bits:
             grid.append(
                 {
                     "id": f"quant_{k}_{scales}",
@@ -365,20 +484,33 @@ def extended_grid(s: Settings) -> list[dict]:
     return grid
 
 
-def control_grid(s: Settings) -> list[dict]:
-    """The control MoE's settings (DARE with every seed at the rates of ``seeded_rates``)."""
+def moe_grid(items: tuple[tuple[str, float], ...], prefix: str, s: Settings) -> list[dict]:
+    """The settings of the control (``prefix="ctl_"``) or whole-model (``"whole_"``) MoE: DARE with every seed at the
+    rates of ``seeded_rates``, ``quantize`` with row scales, ``quantize_group`` with groups of ``group_size``."""
     grid = []
-    for method, value in s.control:
+    for method, value in items:
         seeds = s.dare_seeds if method == "dare" and value in s.seeded_rates else (s.dare_seeds[0],)
         for seed in seeds:
-            if method == "quantize":
+            if method == "quantize_group":
+                kw = {"method": "quantize", "bits": int(value), "group_size": s.group_size}
+                sid = f"{prefix}quant_{int(value)}_group"
+            elif method == "quantize":
                 kw = {"method": method, "bits": int(value)}
+                sid = f"{prefix}quant_{int(value)}_row" if prefix == "whole_" else f"{prefix}quantize_{value:g}"
             else:
                 kw = {"method": method, "drop_rate": value} | ({"seed": seed} if method == "dare" else {})
-            sid = f"ctl_{method}_{value:g}" + (f"_s{seed}" if seed != s.dare_seeds[0] else "")
-            entry = {"id": sid, "family": f"ctl_{method}", "setting": value, "seed": seed, "kwargs": kw}
+                sid = f"{prefix}{method}_{value:g}" + (f"_s{seed}" if seed != s.dare_seeds[0] else "")
+            entry = {"id": sid, "family": f"{prefix}{method}", "setting": value, "seed": seed, "kwargs": kw}
             grid.append(entry | {"show_seed": seed != s.dare_seeds[0]})
     return grid
+
+
+def control_grid(s: Settings) -> list[dict]:
+    return moe_grid(s.control, "ctl_", s)
+
+
+def whole_grid(s: Settings) -> list[dict]:
+    return moe_grid(s.whole, "whole_", s)
 
 
 def label(entry: dict) -> str:
@@ -636,57 +768,76 @@ def breakpoints(result: dict) -> dict:
     return out
 
 
+METHOD_TEXT = {
+    "dare": "DARE",
+    "magnitude": "magnitude",
+    "quantize_row": "row scales",
+    "quantize_group": "group scales",
+}
+
+
+def family_of(kind: str, method: str) -> str:
+    """The family of ``method`` (``dare``, ``magnitude``, ``quantize_row``, ``quantize_group``) on MoE ``kind``."""
+    if kind == "moe":
+        return method
+    return GRID_PREFIX[kind] + ("quantize" if method == "quantize_row" else method)
+
+
+def rows_of(result: dict, kind: str, method: str, setting: float) -> list[dict]:
+    family = family_of(kind, method)
+    return [r for r in result["compressed"] if r["family"] == family and r["setting"] == setting]
+
+
+GOAL_SETTINGS = (
+    ("DARE 0.9 within 1 % of the uncompressed perplexity", "dare", 0.9),
+    ("2-bit (one scale per row) within 1 %", "quantize_row", 2),
+    ("2-bit (group scales) within 1 %", "quantize_group", 2),
+)
+
+
+SHORT_GOAL = dict(zip((g for g, _, _ in GOAL_SETTINGS), ("DARE 0.9", "2-bit row scales", "2-bit group scales")))
+
+
 def goals(result: dict) -> list[dict]:
-    by_id = {r["id"]: r for r in result["compressed"]}
+    """The goals, per trained MoE (``moe``: its kind; ``None``: about the whole run)."""
     trained = result["trained"]
+    dense = result["base_model"]["test_ppl"]
     rows = []
-    moe, dense = trained["moe"]["test_ppl"], result["base_model"]["test_ppl"]
-    rows.append(
-        {
-            "goal": "trained MoE clearly better than the dense model on the held-out domain",
-            "value": f"test ppl {moe:.2f} vs dense {dense:.2f} ({100 * (moe / dense - 1):+.1f} %); dense MLPs "
-            f"fine-tuned for the same steps: {trained['dense_ft']['test_ppl']:.2f}",
-            "met": moe < dense * 0.97,
-        }
-    )
-    dare = [r for r in result["compressed"] if r["family"] == "dare" and r["setting"] == 0.9]
-    if dare:
-        worst = max(r["delta_pct"] for r in dare)
-        mean = statistics.fmean(r["delta_pct"] for r in dare)
+    for kind in MOES:
+        if kind not in trained:
+            continue
+        ppl = trained[kind]["test_ppl"]
+        ref = "dense_whole" if kind == "moe_whole" else "dense_ft"
+        value = f"test ppl {ppl:.2f} vs dense {dense:.2f} ({100 * (ppl / dense - 1):+.1f} %)"
+        if ref in trained:
+            what = "every parameter" if ref == "dense_whole" else "MLPs"
+            value += f"; dense, {what} fine-tuned for the same steps: {trained[ref]['test_ppl']:.2f}"
         rows.append(
             {
-                "goal": "DARE 0.9 within 1 % of the uncompressed perplexity",
-                "value": f"{mean:+.2f} % mean over {len(dare)} seeds (worst {worst:+.2f} %)",
-                "met": worst <= LOSSLESS_PCT,
+                "goal": "trained MoE clearly better than the dense model on the held-out domain",
+                "moe": kind,
+                "value": value,
+                "met": ppl < dense * 0.97,
             }
         )
-    for scales in ("row", "group"):
-        r = by_id.get(f"quant_2_{scales}")
-        if r is not None:
-            rows.append(
-                {
-                    "goal": f"2-bit ({'one scale per row' if scales == 'row' else 'group scales'}) within 1 %",
-                    "value": f"{r['delta_pct']:+.2f} %",
-                    "met": r["delta_pct"] <= LOSSLESS_PCT,
-                }
-            )
-    ctl = {(r["family"], r["setting"]): [] for r in result["compressed"] if r["family"].startswith("ctl_")}
-    for r in result["compressed"]:
-        if (r["family"], r["setting"]) in ctl:
-            ctl[(r["family"], r["setting"])].append(r)
-    for key, name in ((("ctl_dare", 0.9), "DARE 0.9"), (("ctl_quantize", 2), "2-bit (row scales)")):
-        if ctl.get(key):
-            worst = max(r["delta_pct"] for r in ctl[key])
-            rows.append(
-                {
-                    "goal": f"(control, lr x{result['settings']['control_lr_factor']:g}) {name} within 1 %",
-                    "value": f"{_pct(ctl[key])} (ppl {trained['moe_lowlr']['test_ppl']:.2f} uncompressed)",
-                    "met": worst <= LOSSLESS_PCT,
-                }
-            )
+        for goal, method, setting in GOAL_SETTINGS:
+            rs = rows_of(result, kind, method, setting)
+            if not rs:
+                rows.append({"goal": goal, "moe": kind, "value": "not run", "met": None})
+                continue
+            worst = max(r["delta_pct"] for r in rs)
+            value = _pct(rs) + (f" (mean over {len(rs)} seeds, worst in brackets)" if len(rs) > 1 else "")
+            rows.append({"goal": goal, "moe": kind, "value": value, "met": worst <= LOSSLESS_PCT})
     wall = result.get("wall_seconds_total")
     if wall is not None and not result["quick"]:
-        rows.append({"goal": "full run under 30 minutes", "value": f"{wall / 60:.1f} min", "met": wall < 1800})
+        cached = result.get("cached_training_seconds", 0.0)
+        value = f"{wall / 60:.1f} min"
+        if cached:
+            value += (
+                f" with {len(result.get('cached_models', []))} trained models cached; from scratch about "
+                f"{(wall + cached) / 60:.0f} min (adding the training times they took when built)"
+            )
+        rows.append({"goal": "full run under 30 minutes", "moe": None, "value": value, "met": wall < 1800})
     return rows
 
 
@@ -699,6 +850,60 @@ def _fmt_bytes(n: float) -> str:
 
 def _yes(met: bool | None) -> str:
     return {None: "-", True: "met", False: "**not met**"}[met]
+
+
+def _whole_quant_text(result: dict) -> str:
+    """2-bit on every trained MoE: its error relative to the delta and to the weights, and its loss."""
+    rows = {k: rows_of(result, k, "quantize_row", 2) for k in MOES if k in result["trained"]}
+    rows = {k: rs[0] for k, rs in rows.items() if rs}
+    if "moe_whole" not in rows or len(rows) < 2:
+        return ""
+    losses = [r["delta_pct"] for r in rows.values()]
+    of_delta = [r["weights"]["routed"]["error_rel_delta"] for r in rows.values()]
+    noise = [r["weights"]["routed"]["error_rel_weight"] for r in rows.values()]
+    ordered = sorted(range(len(losses)), key=losses.__getitem__) == sorted(range(len(noise)), key=noise.__getitem__)
+    proportion = ""
+    if "moe" in rows and rows["moe"]["delta_pct"] > 0:
+        w, m = rows["moe_whole"], rows["moe"]
+        loss = w["delta_pct"] / m["delta_pct"]
+        err = w["weights"]["routed"]["error_rel_weight"] / m["weights"]["routed"]["error_rel_weight"]
+        if not 1 / 1.3 < loss / err < 1.3:
+            proportion = (
+                f", but not in proportion to it: the whole-model MoE loses {loss:.2f}x what the experts-only MoE "
+                f"loses with {err:.2f}x its error relative to the weights"
+            )
+    return (
+        f" 2-bit (row scales), {' / '.join(MOES[k] for k in rows)}: error "
+        + " / ".join(f"{x:.2f}" for x in of_delta)
+        + " of the delta, "
+        + " / ".join(f"{x:.2f}" for x in noise)
+        + " of the weights, loss "
+        + " / ".join(f"{x:+.2f} %" for x in losses)
+        + ": "
+        + (
+            "ordered by the error relative to the weights, like DARE"
+            if ordered
+            else "not ordered by the error relative to the weights as DARE's loss is"
+        )
+        + proportion
+        + "."
+    )
+
+
+def dare_pairs(result: dict) -> list[tuple[float, float, str]]:
+    """Every DARE setting of every trained MoE as (noise ||W'_e - W_e|| / ||W_dense||, mean loss %, tag: "" for the
+    experts-only MoE, " c" control, " w" whole-model), sorted by noise; drop rate 0 left out."""
+    pairs = []
+    for kind, tag in (("moe", ""), ("moe_lowlr", " c"), ("moe_whole", " w")):
+        by_rate: dict[float, list[dict]] = {}
+        for r in result["compressed"]:
+            if r["family"] == family_of(kind, "dare") and r["setting"] != 0:
+                by_rate.setdefault(r["setting"], []).append(r)
+        pairs += [
+            (_mean(rs, "error_rel_weight"), statistics.fmean(r["delta_pct"] for r in rs), tag)
+            for rs in by_rate.values()
+        ]
+    return sorted(pairs)
 
 
 def explain(result: dict, bp: dict) -> list[str]:
@@ -764,47 +969,78 @@ def explain(result: dict, bp: dict) -> list[str]:
                 else ""
             )
             + ". DARE's premise (the paper's fine-tuned models) is deltas that are small next to the weights; the "
-            "control tests exactly that."
+            "control and the whole-model MoE test exactly that."
         )
-    ctl = [r for r in result["compressed"] if r["family"] == "ctl_dare"]
-    if ctl and "moe_lowlr" in trained:
+    by_moe: dict[str, dict[float, list[dict]]] = {}
+    for kind in ("moe_lowlr", "moe_whole"):
+        for r in result["compressed"]:
+            if r["family"] == family_of(kind, "dare") and kind in trained:
+                by_moe.setdefault(kind, {}).setdefault(r["setting"], []).append(r)
+
+    def dare_text(by_rate: dict[float, list[dict]]) -> str:
+        return ", ".join(
+            f"{p:g}: {_pct(rs)}, noise {_mean(rs, 'error_rel_weight'):.2f} x ||W_dense||" for p, rs in by_rate.items()
+        )
+
+    if "moe_lowlr" in by_moe:
         c = trained["moe_lowlr"]
-        by_rate: dict[float, list[dict]] = {}
-        for r in ctl:
-            by_rate.setdefault(r["setting"], []).append(r)
         lines.append(
             f"- **Control.** The same MoE trained at lr x{result['settings']['control_lr_factor']:g} has deltas of "
             f"{c['weights']['routed']['delta_rel']:.3f} x ||W_dense|| (ppl {c['test_ppl']:.2f}, still "
             f"{100 * (1 - c['test_ppl'] / dense_ppl):.1f} % below the dense model). DARE on it: "
-            + ", ".join(
-                f"{p:g}: {_pct(rs)}, noise {_mean(rs, 'error_rel_weight'):.2f} x ||W_dense||"
-                for p, rs in by_rate.items()
-            )
+            + dare_text(by_moe["moe_lowlr"])
             + ". The sqrt(p / (1 - p)) factor is the same; what changes is the size of the delta it multiplies."
         )
-        pairs = [(p["error_rel_weight"], p["delta_pct_mean"], "") for p in dare.values()]
-        pairs += [
-            (_mean(rs, "error_rel_weight"), statistics.fmean(r["delta_pct"] for r in rs), " c")
-            for rs in by_rate.values()
-        ]
-        pairs.sort()
+    if "moe_whole" in by_moe:
+        w = trained["moe_whole"]
+        drop = w["deltas_dropped"]["test_ppl"]
+        gain = max(dense_ppl - w["test_ppl"], 1e-9)
+        lines.append(
+            f"- **Whole-model MoE** (the paper's regime: every parameter trained, lr {w['lr']:g} chosen on the "
+            f"validation split): deltas of {w['weights']['routed']['delta_rel']:.3f} x ||W_dense||, ppl "
+            f"{w['test_ppl']:.2f}. With every expert delta dropped (its trained attention, norms, embeddings and head "
+            f"kept) it has ppl {drop:.2f}: {100 * (dense_ppl - drop) / gain:.0f} % of its gain over the dense model "
+            "sits outside the experts"
+            + (
+                f", so the experts' share of the adaptation is smaller than in the experts-only MoE (whose deltas "
+                f"dropped give the dense model, {dense_ppl:.2f})"
+                if drop < dense_ppl
+                else ""
+            )
+            + ". DARE on it: "
+            + dare_text(by_moe["moe_whole"])
+            + "."
+            + _whole_quant_text(result)
+        )
+    if by_moe:
+        pairs = dare_pairs(result)
         limit = _noise_at(pairs, LOSSLESS_PCT)
         monotone = all(a[1] <= b[1] for a, b in zip(pairs, pairs[1:]))
+        tags = ", ".join(t for k, t in (("moe_lowlr", "c = control"), ("moe_whole", "w = whole-model")) if k in by_moe)
         text = (
-            "- Sorted by that noise (||W'_e - W_e|| / ||W_dense||), the DARE points of both MoEs (c = control)"
+            f"- Sorted by that noise (||W'_e - W_e|| / ||W_dense||), the DARE points of the MoEs ({tags})"
             + (" line up: " if monotone else ": ")
             + ", ".join(f"{n:.2f}{tag} -> {pct:+.1f} %" for n, pct, tag in pairs)
             + (
                 ". What decides is the noise relative to the weights, whichever MoE it comes from"
                 if monotone
-                else ". The loss does not follow the noise alone"
+                else ". The loss follows the noise closely but not exactly: the order breaks at "
+                + ", ".join(
+                    f"{a[0]:.2f}{a[2]} ({a[1]:+.1f} %) / {b[0]:.2f}{b[2]} ({b[1]:+.1f} %)"
+                    for a, b in zip(pairs, pairs[1:])
+                    if a[1] > b[1]
+                )
             )
         )
         if limit is not None:
+            sizes = [f"experts-only MoE {delta_rel:.2f}"] + [
+                f"{MOES[k]} {trained[k]['weights']['routed']['delta_rel']:.2f}" for k in by_moe
+            ]
             text += (
                 f"; 1 % is reached at about {limit:.2f} x ||W_dense||. With DARE 0.9's factor of 3, deltas would have "
-                f"to be below about {limit / 3:.2f} x ||W_dense|| for DARE 0.9 to stay within 1 % (this MoE: "
-                f"{delta_rel:.2f}, the control: {c['weights']['routed']['delta_rel']:.2f})"
+                f"to be below about {limit / 3:.2f} x ||W_dense|| for DARE 0.9 to stay within 1 % ("
+                + ", ".join(sizes)
+                + ")"
             )
         lines.append(text + ".")
     if mag:
@@ -888,7 +1124,9 @@ def tables(result: dict) -> str:
         rows.append(
             [
                 name,
-                f"lr {r.get('lr', s['lr']):g}, {r['steps']} steps, {r['tokens']:,} tokens, {r['train_seconds']:.0f} s",
+                f"lr {r.get('lr', s['lr']):g}"
+                + (" (chosen on val)" if "lr_search" in r else "")
+                + f", {r['steps']} steps, {r['tokens']:,} tokens, {r['train_seconds']:.0f} s",
                 f"{r['test_ppl']:.3f}",
                 f"{r['val_ppl']:.3f}",
                 f"{r.get('added_params', 0):,}",
@@ -931,15 +1169,21 @@ def tables(result: dict) -> str:
         "+0.00 %",
         "0",
     ]
-    main = [r for r in result["compressed"] if not r["family"].startswith(("ext_", "ctl_"))]
+    main = [r for r in result["compressed"] if not r["family"].startswith(("ext_", "ctl_", "whole_"))]
     first_seed = [r for r in main if r["seed"] in (None, s["dare_seeds"][0]) or r["family"] != "dare"]
     parts += [
         f"### Compressed MoE (N={s['num_experts']}, top-{s['top_k']}); dense base: ppl {base['test_ppl']:.3f}",
         "DARE rows: seed "
         + str(s["dare_seeds"][0])
-        + " (the other seeds are in the next table). *error / delta* = ||W'_e - W_e|| / ||W_e - W_dense||. Drop rate "
-        "0 is stored in the sparse format (an fp32 value and an int32 index per entry): twice the vanilla MoE's "
-        "bytes, and the paper's counting (N P (1 - p) values) is above vanilla's (N - 1) P until p > 1/N.",
+        + " (the other seeds are in the next table). *error / delta* = ||W'_e - W_e|| / ||W_e - W_dense||. "
+        + (
+            "Drop rate 0 is stored in the sparse format (an fp32 value and an int32 index per entry): twice the "
+            "vanilla MoE's bytes, and the paper's counting (N P (1 - p) values) is above vanilla's (N - 1) P until "
+            "p > 1/N."
+            if 0.0 in s["drop_rates"]
+            else "A sparse delta stores an fp32 value and an int32 index per kept entry; the paper's counting "
+            "(N P (1 - p) values) is above vanilla's (N - 1) P until p > 1/N."
+        ),
         _common.markdown_table(header, [ref_row, *comp_rows(first_seed, moe["test_ppl"])]),
     ]
     seed_rows = []
@@ -977,27 +1221,26 @@ def tables(result: dict) -> str:
             "*error / delta*: routed experts / universal FFN.",
             _common.markdown_table(header, [ext_ref, *comp_rows(ext, sh["test_ppl"])]),
         ]
-    ctl_rows = control_rows(result)
-    if ctl_rows:
-        c = t["moe_lowlr"]
+    cross = cross_rows(result)
+    kinds = [k for k in MOES if k in t]
+    if cross and len(kinds) > 1:
+        sizes = "; ".join(
+            f"{MOES[k]}: lr {t[k]['lr']:g}, ppl {t[k]['test_ppl']:.3f}, {t[k]['weights']['routed']['delta_rel']:.3f}"
+            for k in kinds
+        )
         parts += [
-            f"### Control: the same MoE trained at a {1 / s['control_lr_factor']:g}x lower learning rate "
-            "(smaller deltas)",
-            f"Trained MoE: ppl {moe['test_ppl']:.3f}, ||W_e - W_dense|| / ||W_dense|| = "
-            f"{moe['weights']['routed']['delta_rel']:.3f}; control (lr {c['lr']:g}): ppl {c['test_ppl']:.3f}, "
-            f"{c['weights']['routed']['delta_rel']:.3f}. Each column is relative to its own uncompressed MoE; DARE: "
-            "mean over seeds (worst). *error / W* = ||W'_e - W_e|| / ||W_dense||.",
+            "### The same settings on every trained MoE: experts-only, control (lr x"
+            f"{s['control_lr_factor']:g}, smaller deltas) and whole-model",
+            f"Uncompressed, and ||W_e - W_dense|| / ||W_dense||: {sizes}. Each column is relative to its own "
+            "uncompressed MoE; DARE: mean over seeds (worst). *error / W* = ||W'_e - W_e|| / ||W_dense||; - = not "
+            "run.",
             _common.markdown_table(
-                [
-                    "setting",
-                    "MoE: vs uncompressed",
-                    "MoE: error / W",
-                    "control: vs uncompressed",
-                    "control: error / W",
-                ],
-                ctl_rows,
+                ["setting"] + [f"{MOES[k]}: {c}" for k in kinds for c in ("vs uncompressed", "error / W")], cross
             ),
         ]
+    whole = [r for r in result["compressed"] if r["family"].startswith("whole_")]
+    if whole and "moe_whole" in t:
+        parts += whole_tables(result, whole)
     gen = result.get("generation")
     if gen:
         dense = gen["arms"].get("dense")
@@ -1039,8 +1282,7 @@ def tables(result: dict) -> str:
                 f"{_fmt_bytes(t['moe']['bytes_on_disk']['total'])}, yet its resident memory is not lower: the index "
                 "structures built for computing with it outweigh the saving at this size."
             )
-    goal_rows = [[g["goal"], g["value"], _yes(g["met"])] for g in result["goals"]]
-    parts += ["### Goals", _common.markdown_table(["goal", "measured", "met"], goal_rows)]
+    parts += ["### Goals", goals_markdown(result["goals"])]
     parts += ["### Where each method breaks, and why", "\n".join(explain(result, bp))]
     return "\n\n".join(parts) + "\n"
 
@@ -1074,29 +1316,145 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.fmean(r["weights"]["routed"][key] for r in rows)
 
 
-def control_rows(result: dict) -> list[list[str]]:
-    """Per control setting: the trained MoE's and the control MoE's loss and weight error, side by side."""
+def cross_rows(result: dict) -> list[list[str]]:
+    """Per setting run on the control or the whole-model MoE: every trained MoE's loss and weight error."""
+    kinds = [k for k in MOES if k in result["trained"]]
+    keys = []
+    for r in result["compressed"]:
+        for kind in ("moe_lowlr", "moe_whole"):
+            prefix = GRID_PREFIX[kind]
+            if r["family"].startswith(prefix):
+                name = r["family"].removeprefix(prefix)
+                method = "quantize_row" if name == "quantize" else name
+                if (method, r["setting"]) not in keys:
+                    keys.append((method, r["setting"]))
     out = []
-    ctl = [r for r in result["compressed"] if r["family"].startswith("ctl_")]
-    for key in dict.fromkeys((r["family"], r["setting"]) for r in ctl):
-        family, setting = key
-        mine = [r for r in ctl if (r["family"], r["setting"]) == key]
-        name = family.removeprefix("ctl_")
-        main_family = "quantize_row" if name == "quantize" else name
-        theirs = [r for r in result["compressed"] if r["family"] == main_family and r["setting"] == setting]
-        seeds = {r["seed"] for r in mine}
-        theirs = [r for r in theirs if r["seed"] in seeds or r["seed"] is None]
-        err = [_mean(rs, "error_rel_weight") if rs else math.nan for rs in (theirs, mine)]
-        out.append(
+    for method, setting in keys:
+        row = [_setting_label(method, setting)]
+        for kind in kinds:
+            rs = rows_of(result, kind, method, setting)
+            row += [_pct(rs), f"{_mean(rs, 'error_rel_weight'):.3f}"] if rs else ["-", "-"]
+        out.append(row)
+    return out
+
+
+def _setting_label(method: str, setting: float) -> str:
+    if method.startswith("quantize"):
+        return f"{int(setting)}-bit, {METHOD_TEXT[method]}"
+    return f"{METHOD_TEXT[method]} {setting:g}"
+
+
+def whole_tables(result: dict, rows: list[dict]) -> list[str]:
+    """The whole-model MoE: its learning-rate search (validation split) and its compressed settings."""
+    s, t, base = result["settings"], result["trained"], result["base_model"]
+    w = t["moe_whole"]
+    search = [
+        [
+            f"{c['lr']:g}",
+            f"{c['val_ppl']:.3f}",
+            "**chosen**" if c["lr"] == w["lr"] else "",
+            f"{c['seconds']:.0f} s" + (" (cached)" if c["cached"] else ""),
+        ]
+        for c in w["lr_search"]
+    ]
+    ref = w["test_ppl"]
+    carried_total = w["carried_bytes"]
+    header = [
+        "method, setting",
+        "Added Params",
+        "bytes on disk",
+        "of which carried",
+        "test ppl",
+        "vs uncompressed",
+        "error / delta",
+        "error / W",
+    ]
+    table = [
+        [
+            "uncompressed whole-model MoE",
+            f"{w['added_params']:,}",
+            _fmt_bytes(w["bytes_on_disk"]["total"]),
+            _fmt_bytes(carried_total),
+            f"{ref:.3f}",
+            "+0.00 %",
+            "0",
+            "0",
+        ],
+        [
+            "every expert delta dropped (dense FFNs, trained rest)",
+            "0",
+            "-",
+            _fmt_bytes(carried_total),
+            f"{w['deltas_dropped']['test_ppl']:.3f}",
+            f"{100 * (w['deltas_dropped']['test_ppl'] / ref - 1):+.2f} %",
+            "1",
+            f"{w['weights']['routed']['delta_rel']:.3f}",
+        ],
+    ]
+    for r in rows:
+        wt = r["weights"]["routed"]
+        table.append(
             [
-                mine[0]["label"].split(" (seed")[0],
-                _pct(theirs) if theirs else "-",
-                f"{err[0]:.3f}" if theirs else "-",
-                _pct(mine),
-                f"{err[1]:.3f}",
+                r["label"],
+                f"{r['added_params']:,}",
+                _fmt_bytes(r["bytes_on_disk"]["total"]),
+                _fmt_bytes(r["compression_report"]["compressed_bytes"]["carried"]),
+                f"{r['test_ppl']:.3f}",
+                f"{r['delta_pct']:+.2f} %",
+                f"{wt['error_rel_delta']:.3f}",
+                f"{wt['error_rel_weight']:.3f}",
             ]
         )
-    return out
+    dense_line = f"dense base {base['test_ppl']:.3f}"
+    if "dense_whole" in t:
+        d = t["dense_whole"]
+        dense_line += f", dense with every parameter fine-tuned (lr {d['lr']:g}) {d['test_ppl']:.3f}"
+    modules = ", ".join(f"`{m}`" for m in s["whole_modules"])
+    return [
+        f"### Whole-model MoE (the paper's regime): lr {w['lr']:g}, every parameter trained",
+        f"`DeRSConfig(delta_type='full', modules_to_save=[{modules}])`: {w['trainable_params']:,} trainable "
+        f"parameters = {w['experts_router_params']:,} (experts + router, as in the experts-only MoE) + "
+        f"{w['copied_params']:,} (trainable copies of the {w['wrapped_modules']} non-FFN modules; checked equal to "
+        "the dense model's parameters outside its FFNs). Learning rate chosen on the validation split (same steps "
+        "and batches for every candidate; the test split is evaluated on the chosen one only):",
+        _common.markdown_table(["lr", "val ppl", "chosen", "training"], search)
+        + (
+            "\n\nThe chosen lr is the largest of the grid, which was fixed in advance to fine-tuning learning rates "
+            "and not extended: the validation ppl was still falling with the lr, so a larger one might fit the "
+            "domain better, and move the weights further."
+            if w.get("lr_at_grid_edge")
+            else ""
+        ),
+        f"Compressed by `ders_peft.compress`, which carries the MoE's differing non-expert weights (here all of them) "
+        "as `modules_to_save` of the compressed adapter: *of which carried* is `compression_report(small)."
+        "compressed['carried']`, in the bytes on disk but not in Added Params (the carried copies replace the dense "
+        f"model's modules, they add no parameter). For reference: {dense_line}. *error / delta* = ||W'_e - W_e|| / "
+        "||W_e - W_dense||, *error / W* = ||W'_e - W_e|| / ||W_dense||.",
+        _common.markdown_table(header, table),
+    ]
+
+
+def goals_markdown(rows: list[dict]) -> str:
+    """The goals: one column per trained MoE, then the goals about the whole run."""
+    kinds = [k for k in MOES if any(g["moe"] == k for g in rows)]
+    names = list(dict.fromkeys(g["goal"] for g in rows if g["moe"] is not None))
+    by = {(g["goal"], g["moe"]): g for g in rows}
+    table = []
+    for name in names:
+        row = [name]
+        for kind in kinds:
+            g = by.get((name, kind))
+            row.append("-" if g is None else f"{_yes(g['met'])}: {g['value']}" if g["met"] is not None else g["value"])
+        table.append(row)
+    text = _common.markdown_table(["goal"] + [MOES[k] for k in kinds], table)
+    other = [[g["goal"], g["value"], _yes(g["met"])] for g in rows if g["moe"] is None]
+    if other:
+        text += "\n\n" + _common.markdown_table(["goal", "measured", "met"], other)
+    met = []
+    for kind in kinds:
+        ok = [SHORT_GOAL[g["goal"]] for g in rows if g["moe"] == kind and g["met"] and g["goal"] in SHORT_GOAL]
+        met.append(f"{MOES[kind]}: " + (", ".join(ok) if ok else "none"))
+    return text + "\n\nCompression goals (within 1 %) met: " + "; ".join(met) + "."
 
 
 GEN_LABEL = {
@@ -1108,6 +1466,18 @@ GEN_LABEL = {
 }
 
 
+def _limit_text(result: dict) -> str:
+    limit = _noise_at(dare_pairs(result), LOSSLESS_PCT)
+    if limit is None:
+        return ""
+    t = result["trained"]
+    return (
+        f" (smaller than the experts-only MoE's {t['moe']['weights']['routed']['delta_rel']:.2f}, but above the "
+        f"about {limit / 3:.2f} that DARE 0.9 would need: over all MoEs DARE reaches +1 % at a noise of about "
+        f"{limit:.2f} x the weights, and DARE 0.9's noise is 3x the delta)"
+    )
+
+
 def summary(result: dict) -> list[str]:
     """The headline numbers, from the results."""
     t, base = result["trained"], result["base_model"]
@@ -1115,16 +1485,23 @@ def summary(result: dict) -> list[str]:
     bp = breakpoints(result)
     dare = [r for r in result["compressed"] if r["family"] == "dare" and r["setting"] == 0.9]
     lines = [
-        f"- The trained MoE is clearly better than the dense model on the held-out domain: test ppl "
+        f"- The experts-only MoE (experts + router trained) is clearly better than the dense model on the held-out "
+        f"domain: test ppl "
         f"{t['moe']['test_ppl']:.2f} vs {base['test_ppl']:.2f} (dense MLPs fine-tuned for the same steps: "
         f"{t['dense_ft']['test_ppl']:.2f}). Its experts differ from the dense FFN by "
         f"{t['moe']['weights']['routed']['delta_rel']:.2f} x its norm.",
     ]
     if dare and "quant_2_row" in by_id:
         lines.append(
-            f"- **Goals not met on this MoE**: DARE 0.9 costs {_pct(dare)} (mean over {len(dare)} seeds, worst in "
-            f"brackets), 2-bit {by_id['quant_2_row']['delta_pct']:+.2f} % (row scales) / "
-            f"{by_id['quant_2_group']['delta_pct']:+.2f} % (group scales); the paper found both lossless."
+            f"- On this MoE DARE 0.9 costs {_pct(dare)} (mean over {len(dare)} seeds, worst in brackets), 2-bit "
+            f"{by_id['quant_2_row']['delta_pct']:+.2f} % (row scales) / "
+            + (f"{by_id['quant_2_group']['delta_pct']:+.2f} % (group scales)" if "quant_2_group" in by_id else "")
+            + (
+                ": neither goal is met; the paper found both lossless."
+                if max(r["delta_pct"] for r in dare) > LOSSLESS_PCT
+                and by_id["quant_2_row"]["delta_pct"] > LOSSLESS_PCT
+                else "."
+            )
         )
     best = []
     for family in ("magnitude", "quantize_row", "dare"):
@@ -1157,6 +1534,42 @@ def summary(result: dict) -> list[str]:
             + (f" and 2-bit {_pct(q)}" if q else "")
             + ": the smaller the deltas, the closer to the paper's lossless result."
         )
+    if "moe_whole" in t:
+        w = t["moe_whole"]
+        wd = rows_of(result, "moe_whole", "dare", 0.9)
+        w2 = rows_of(result, "moe_whole", "quantize_row", 2)
+        w2g = rows_of(result, "moe_whole", "quantize_group", 2)
+        dense_whole = t.get("dense_whole")
+        lines.append(
+            f"- **Whole-model MoE** (the paper's regime: every parameter trained, lr {w['lr']:g} chosen on the "
+            f"validation split from {', '.join(f'{x:g}' for x in result['settings']['whole_lr_grid'])}): test ppl "
+            f"{w['test_ppl']:.2f}"
+            + (
+                f" (a dense model with every parameter fine-tuned at that lr: {dense_whole['test_ppl']:.2f})"
+                if dense_whole
+                else ""
+            )
+            + f", deltas {w['weights']['routed']['delta_rel']:.2f} x the weights"
+            + _limit_text(result)
+            + f"; with every expert delta dropped {w['deltas_dropped']['test_ppl']:.2f}. DARE 0.9 costs "
+            f"{_pct(wd) if wd else '-'}, 2-bit "
+            f"{_pct(w2) if w2 else '-'} (row scales) / {_pct(w2g) if w2g else '-'} (group scales); its compressed "
+            f"adapters also carry {_fmt_bytes(w['carried_bytes'])} of trained non-expert modules."
+        )
+    met = {}
+    for g in result.get("goals", []):
+        if g["moe"] is not None and g["goal"] in {goal for goal, _, _ in GOAL_SETTINGS}:
+            met.setdefault(g["moe"], []).append(g)
+    if met:
+        lines.append(
+            "- **Goals (within 1 % of the uncompressed ppl) per MoE**: "
+            + "; ".join(
+                f"{MOES[k]}: "
+                + ", ".join(f"{SHORT_GOAL[g['goal']]} {_yes(g['met'])}" for g in gs if g["met"] is not None)
+                for k, gs in met.items()
+            )
+            + "."
+        )
     gen = result.get("generation", {}).get("arms", {})
     if {"dense", "moe", "dare_0.9", "quant_2_row"} <= set(gen):
         d = gen["dense"]["tokens_per_s"]
@@ -1168,13 +1581,53 @@ def summary(result: dict) -> list[str]:
     return lines
 
 
+def _grid_text(items) -> str:
+    out = []
+    for method, value in items:
+        if method.startswith("quantize"):
+            out.append(f"{int(value)}-bit" + (" (group scales)" if method == "quantize_group" else ""))
+        else:
+            out.append(f"{'DARE' if method == 'dare' else method} {value:g}")
+    return ", ".join(out)
+
+
+def _bytes_note(result: dict) -> str:
+    """What "bytes on disk" counts, and how it relates to ``compression_report().file_bytes``."""
+    text = (
+        "**bytes on disk** is the size of the files `save_pretrained` writes for the adapter, the model card "
+        "`README.md` left out (`adapter_model.safetensors` + `adapter_config.json`: what ships on top of the dense "
+        "model); `compression_report(small, saved_dir=...).file_bytes` (`compression_report.file_bytes` in the JSON) "
+        "sums every file of that directory, the README included"
+    )
+    row = next((r for r in result["compressed"] if r["id"] == "dare_0.9"), None)
+    if row is not None and "README.md" in row["bytes_on_disk"]["files"]:
+        extra = row["compression_report"]["file_bytes"] - row["bytes_on_disk"]["total"]
+        text += (
+            f", so it is larger by the README's bytes (DARE 0.9: {row['compression_report']['file_bytes']:,} vs "
+            f"{row['bytes_on_disk']['total']:,} B, {extra:,} B of README)"
+        )
+    return text + "; `compression_report(...).adapter_bytes` counts the adapter's tensors (no file format, no config)."
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     t = result["trained"]
     m = result["machine"]
     base = result["base_model"]
     timing = result["timings"]
-    cached = all(t[k].get("cached") for k in t)
+    cached = result.get("cached_models", [])
+    if not cached:
+        cache_text = " training every model from scratch"
+    else:
+        cache_text = (
+            f" with {len(cached)} trained models loaded from the cache ({', '.join(f'`{c}`' for c in cached)}, "
+            f"{result['cached_training_seconds']:.0f} s of training when they were built, by an earlier run) and "
+            + (
+                "the others trained in this run"
+                if len(cached) < result.get("trained_models_total", len(cached))
+                else "none trained in this run"
+            )
+        )
     lines = [
         "# Compressing a trained vanilla-upcycled MoE (DeRS compression)",
         "",
@@ -1193,7 +1646,7 @@ def markdown(result: dict) -> str:
         + (" plus uncommitted changes" if result["commit"]["dirty"] else "")
         + f" (source digest `{result.get('ders_peft_source_digest', '?')}`). "
         f"**Wall time {result['wall_seconds_total'] / 60:.1f} min**"
-        + (" with the trained models cached" if cached else " training every model from scratch")
+        + cache_text
         + f": base {timing['base_seconds']:.0f} s"
         + (
             " (cached; pretraining it the first time takes "
@@ -1201,8 +1654,9 @@ def markdown(result: dict) -> str:
             if timing["base_seconds"] < 30
             else ""
         )
-        + f", data {timing['data_seconds']:.0f} s, training + evaluating the trained models "
-        f"{timing['train_seconds']:.0f} s, compression + evaluation of {len(result['compressed'])} settings "
+        + f", data {timing['data_seconds']:.0f} s, training (or loading) + evaluating the four fixed-lr models "
+        f"{timing['train_seconds']:.0f} s, the whole-model MoE's lr search + the dense whole-model fine-tuning "
+        f"{timing.get('whole_seconds', 0):.0f} s, compression + evaluation of {len(result['compressed'])} settings "
         f"{timing['compress_eval_seconds']:.0f} s, generation {timing['generation_seconds']:.0f} s.",
         "",
         "## In short",
@@ -1223,38 +1677,58 @@ def markdown(result: dict) -> str:
         f"{result['data']['train']['files']} / {result['data']['val']['files']} / {result['data']['test']['files']} "
         f"files, {result['data']['train']['tokens']:,} / {result['data']['val']['tokens']:,} / "
         f"{result['data']['test']['tokens']:,} tokens. Perplexity is exp of the mean token loss over every test "
-        "block; no choice is made on the test split (the learning rate is the one `benchmarks/quality.py` chose on "
-        "the validation split; the grids are fixed in advance).",
+        "block; no choice is made on the test split (the experts-only MoEs' learning rate is the one "
+        "`benchmarks/quality.py` chose on the validation split, the whole-model MoE's is chosen here on the "
+        "validation split; the compression grids are fixed in advance).",
         "",
         f"**Training.** `local_corpus.pretrain` (AdamW, warm-up, cosine decay, clipping; lr {s['lr']:g}, no weight "
         f"decay): {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens ({t['moe']['tokens']:,} tokens, "
-        f"{t['moe']['tokens'] / result['data']['train']['tokens']:.2f} epochs). The MoE is "
-        f"`DeRSConfig(delta_type='full', num_experts={s['num_experts']}, top_k={s['top_k']})` on every block; its "
-        "experts and router train and nothing else: the attention, norms, embeddings and head stay those of the "
-        "dense model, so the whole domain adaptation lives in the experts and what compression loses is measured "
-        "against all of it (the paper trains the whole model; then part of the adaptation sits outside the experts "
-        "and compressing them is easier). The dense comparison fine-tunes the same dense parameters (the MLPs) with "
-        "the same batches and schedule. The extended MoE adds an always-on universal FFN (`shared_expert=True`). "
-        f"A control MoE is trained identically at a {1 / s['control_lr_factor']:g}x lower learning rate: its deltas "
-        "are smaller, which tests the explanation of where DARE breaks (its grid: "
-        + ", ".join(
-            f"{int(v)}-bit" if m == "quantize" else f"{m.upper() if m == 'dare' else m} {v:g}" for m, v in s["control"]
-        )
-        + "). The lr is not tuned for compression; every trained model is cached on disk (training times are those "
-        "of the run that trained it).",
+        f"{t['moe']['tokens'] / result['data']['train']['tokens']:.2f} epochs), the same for every trained model. The "
+        f"MoE is `DeRSConfig(delta_type='full', num_experts={s['num_experts']}, top_k={s['top_k']})` on every block; "
+        "in the experts-only MoEs its experts and router train and nothing else: the attention, norms, embeddings "
+        "and head stay those of the dense model, so the whole domain adaptation lives in the experts and what "
+        "compression loses is measured against all of it. The dense comparison fine-tunes the same dense parameters "
+        "(the MLPs) with the same batches and schedule. The extended MoE adds an always-on universal FFN "
+        f"(`shared_expert=True`). A control MoE is trained identically at a {1 / s['control_lr_factor']:g}x lower "
+        "learning rate: its deltas are smaller, which tests the explanation of where DARE breaks. The "
+        "**whole-model MoE** is the paper's regime: the same upcycling, and every other module trains too "
+        "(`modules_to_save=["
+        + ", ".join(f"'{x}'" for x in s["whole_modules"])
+        + "]`: peft trains a copy of each; the trainable count is checked against the dense model's non-FFN "
+        "parameters), at a fine-tuning learning rate chosen on the validation split from "
+        + ", ".join(f"{x:g}" for x in s["whole_lr_grid"])
+        + " (one full training per value, same steps and batches); a dense model with every parameter fine-tuned "
+        "at the chosen lr (not tuned separately, to save time) shows what the experts add. The experts-only lr is "
+        "not tuned for compression; every trained model is cached on disk (training times are those of the run "
+        "that trained it).",
         "",
         "**Compression.** `ders_peft.compress(moe, CompressionConfig(...))`: DARE (random drop, kept entries "
         "rescaled by 1/(1-p)) and magnitude pruning at drop rates "
         + ", ".join(f"{p:g}" for p in s["drop_rates"])
         + f" (DARE with seeds {', '.join(str(x) for x in s['dare_seeds'])} at "
         + ", ".join(f"{p:g}" for p in s["seeded_rates"])
-        + "), quantization to "
+        + ", on every MoE), quantization to "
         + ", ".join(str(k) for k in s["bits"])
-        + f" bits with one scale per row and with groups of {s['group_size']}. **Added Params** is "
-        "`parameter_report(small).added_params` (the paper's counting: kept values for sparse deltas, values x k/16 "
-        "for k-bit ones, plus the router); **bytes on disk** is what `save_pretrained` writes for the adapter "
-        "(safetensors + config; the model card README is left out), i.e. what ships on top of the dense model. "
-        "*error / delta* compares the compressed experts' weights with the trained ones.",
+        + " bits with one scale per row and to "
+        + ", ".join(str(k) for k in s["group_bits"])
+        + f" bits with groups of {s['group_size']}. Control MoE: "
+        + _grid_text(s["control"])
+        + "; whole-model MoE: "
+        + _grid_text(s["whole"])
+        + ". "
+        + (
+            "The experts-only grid is trimmed from the previous run's (2026-12-02 15:43 UTC, page of commit "
+            "1bac839: it also had drop rate 0, which reproduced the uncompressed ppl exactly, the seeds 1 and 2 at "
+            "DARE 0.99, 8- and 4-bit group scales, within 0.01 % of row scales, and DARE 0.99 on the extended MoE) "
+            "to fit the whole-model MoE in the time budget. "
+            if not result["quick"]
+            else ""
+        )
+        + "**Added Params** is `parameter_report(small).added_params` (the paper's counting: kept values for sparse "
+        "deltas, values x k/16 for k-bit ones, plus the router; modules carried by `modules_to_save` are not "
+        "counted: they replace the dense model's, they add no parameter). "
+        + _bytes_note(result)
+        + " *error / delta* compares the compressed experts' weights with the trained ones.",
         "",
         "**Generation.** Greedy, batch of "
         f"{s['gen_prompts']} prompts ({s['gen_prompt_len']} tokens from the test split) x {s['gen_new_tokens']} new "
@@ -1283,10 +1757,79 @@ FAMILY_STYLE = {
 }
 
 
+MOE_STYLE = {"moe": ("o", "tab:blue"), "moe_lowlr": ("s", "tab:green"), "moe_whole": ("D", "tab:red")}
+
+
+def plot_moes(result: dict, fig) -> None:
+    """Every trained MoE: DARE's loss vs the noise it adds (||W'_e - W_e|| / ||W_dense||), and the loss of the goal
+    settings (and a few more) relative to each MoE's own uncompressed perplexity."""
+    import matplotlib.ticker
+
+    t = result["trained"]
+    kinds = [k for k in MOES if k in t]
+    left, right = fig.subplots(1, 2)
+    for kind in kinds:
+        marker, color = MOE_STYLE[kind]
+        rates = sorted({r["setting"] for r in result["compressed"] if r["family"] == family_of(kind, "dare")} - {0.0})
+        pts = [(p, rows_of(result, kind, "dare", p)) for p in rates]
+        x = [_mean(rs, "error_rel_weight") for _, rs in pts]
+        y = [statistics.fmean(r["delta_pct"] for r in rs) for _, rs in pts]
+        delta = t[kind]["weights"]["routed"]["delta_rel"]
+        left.plot(x, y, marker + "-", color=color, ms=6, label=f"{MOES[kind]} (deltas {delta:.2f} x W)")
+        for (p, _), xi, yi in zip(pts, x, y):
+            left.annotate(f"{p:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    left.axhline(LOSSLESS_PCT, color="k", lw=0.8, ls="--", label="+1 % (the goal)")
+    left.set_xscale("log")
+    left.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 3.0, 5.0)))
+    left.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    left.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    left.set_yscale("symlog", linthresh=1.0)
+    ys = [y for line in left.get_lines() for y in line.get_ydata()]
+    left.set_ylim(min(0.0, min(ys, default=0.0)), max(ys, default=1.0) * 3)
+    left.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+g} %"))
+    left.set_xlabel("DARE noise ||W'_e - W_e|| / ||W_dense|| (log scale)")
+    left.set_ylabel("test ppl vs its own uncompressed MoE (symlog)")
+    left.set_title("DARE on every trained MoE: the loss follows the noise (labels: drop rate)", fontsize=9)
+    left.grid(alpha=0.3, which="major")
+    left.legend(fontsize=7)
+    keys = [("dare", 0.9), ("magnitude", 0.9), ("quantize_row", 2), ("quantize_group", 2), ("quantize_row", 1)]
+    width = 0.8 / max(1, len(kinds))
+    for i, kind in enumerate(kinds):
+        marker, color = MOE_STYLE[kind]
+        vals = []
+        for method, setting in keys:
+            rs = rows_of(result, kind, method, setting)
+            vals.append(statistics.fmean(r["delta_pct"] for r in rs) if rs else math.nan)
+        xs = [j + (i - (len(kinds) - 1) / 2) * width for j in range(len(keys))]
+        right.bar(xs, vals, width=width, color=color, alpha=0.8, label=MOES[kind])
+        for xi, v in zip(xs, vals):
+            if not math.isnan(v):
+                right.annotate(
+                    f"{v:+.1f}",
+                    (xi, v),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
+    right.axhline(LOSSLESS_PCT, color="k", lw=0.8, ls="--", label="+1 % (the goal)")
+    right.set_yscale("symlog", linthresh=1.0)
+    heights = [b.get_height() for b in right.patches if not math.isnan(b.get_height())]
+    right.set_ylim(min(0.0, min(heights, default=0.0)), max(max(heights, default=1.0), LOSSLESS_PCT) * 3)
+    right.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+g} %"))
+    right.set_xticks(range(len(keys)), [_setting_label(m, v) for m, v in keys], fontsize=8)
+    right.set_ylabel("test ppl vs its own uncompressed MoE (symlog)")
+    right.set_title("the goal settings (and magnitude 0.9, 1-bit) per MoE; DARE: mean over seeds", fontsize=9)
+    right.grid(alpha=0.3, axis="y", which="both")
+    right.legend(fontsize=7)
+
+
 def plot(result: dict, path: Path) -> None:
-    """Test perplexity vs Added Params (left) and vs bytes on disk (right), log x; top row the whole range (log y),
-    bottom row zoomed on the lossless region (linear y, off-scale points left out). DARE: mean over seeds, bars
-    min..max. One legend below the figure."""
+    """Experts-only MoE: test perplexity vs Added Params (left) and vs bytes on disk (right), log x; first row the
+    whole range (log y), second row zoomed on the lossless region (linear y, off-scale points left out); DARE: mean
+    over seeds, bars min..max; one legend below. Third row, every trained MoE: DARE's loss vs its weight noise, and
+    the loss at the goal settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1296,7 +1839,9 @@ def plot(result: dict, path: Path) -> None:
     t = result["trained"]
     moe, dense, ft = t["moe"]["test_ppl"], result["base_model"]["test_ppl"], t["dense_ft"]["test_ppl"]
     series = {f: [p for p in family_points(result, f) if p["setting"] not in (0, 0.0)] for f in FAMILY_STYLE}
-    fig, axes = plt.subplots(2, 2, figsize=(13, 10.5))
+    fig = plt.figure(figsize=(13, 15.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2.3, 1])
+    axes = top.subplots(2, 2)
     zoom_hi = max(dense, ft) * 1.04
     for col, (xkey, xlabel) in enumerate(
         (("added_params", "Added Params (paper counting, log scale)"), ("bytes", "adapter bytes on disk (log scale)"))
@@ -1351,15 +1896,15 @@ def plot(result: dict, path: Path) -> None:
             ax.set_ylabel("test perplexity")
             ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    top.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     s = result["settings"]
-    fig.suptitle(
+    top.suptitle(
         f"Compressing a trained vanilla MoE (N={s['num_experts']}, top-{s['top_k']}, {s['steps']} steps on held-apart "
-        "stdlib code): test perplexity vs size.\nPoint labels: drop rate / bits; DARE: mean over seeds, bars "
-        "min..max",
+        "stdlib code, experts + router trained): test perplexity vs size.\nPoint labels: drop rate / bits; DARE: "
+        "mean over seeds, bars min..max",
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    plot_moes(result, bottom)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1423,15 +1968,32 @@ def main(argv: list[str] | None = None) -> dict | None:
         shutil.rmtree(root)
     t = time.perf_counter()
     models, trained = {}, {}
-    for kind in TRAINED:
-        models[kind], meta = trained_model(kind, root, base_dir, s, blocks, log)
-        trained[kind] = meta | test_metrics(models[kind], blocks, val=True)
-        if kind != "dense_ft":
-            trained[kind]["added_params"] = ders_peft.parameter_report(models[kind]).added_params
-            trained[kind]["bytes_on_disk"] = dir_bytes(trained_dir(root, kind, s) / "adapter")
-            trained[kind]["weights"] = delta_stats(models[kind])
+
+    def record(kind: str, model, meta: dict) -> None:
+        models[kind] = model
+        trained[kind] = meta | test_metrics(model, blocks, val=True)
+        if not kind.startswith("dense"):
+            trained[kind]["added_params"] = ders_peft.parameter_report(model).added_params
+            trained[kind]["bytes_on_disk"] = dir_bytes(trained_dir(root, kind, s, meta["lr"]) / "adapter")
+            trained[kind]["weights"] = delta_stats(model)
+            trained[kind]["carried_bytes"] = ders_peft.compression_report(model).compressed["carried"]
         log(f"{kind}: test ppl {trained[kind]['test_ppl']:.3f}, val ppl {trained[kind]['val_ppl']:.3f}")
+
+    for kind in FIXED_LR:
+        record(kind, *trained_model(kind, root, base_dir, s, blocks, log))
     timings["train_seconds"] = time.perf_counter() - t  # loading + evaluating when cached
+
+    t = time.perf_counter()
+    log(f"whole-model MoE: learning rate from {list(s.whole_lr_grid)} on the validation split")
+    record("moe_whole", *choose_whole_lr(root, base_dir, s, blocks, log))
+    dropped = deltas_dropped(models["moe_whole"], base_dir)
+    trained["moe_whole"]["deltas_dropped"] = test_metrics(dropped, blocks, val=True)
+    dropped_ppl = trained["moe_whole"]["deltas_dropped"]["test_ppl"]
+    del dropped
+    log(f"whole-model MoE, every expert delta dropped: test ppl {dropped_ppl:.3f}")
+    record("dense_whole", *trained_model("dense_whole", root, base_dir, s, blocks, log, lr=trained["moe_whole"]["lr"]))
+    del models["dense_whole"], models["dense_ft"]
+    timings["whole_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
     compressed = []
@@ -1449,6 +2011,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         for entry in control_grid(s):
             compressed.append(
                 run_setting(entry, models["moe_lowlr"], trained["moe_lowlr"]["test_ppl"], blocks, work, log)
+            )
+        log(f"compressing the whole-model MoE ({len(whole_grid(s))} settings)")
+        for entry in whole_grid(s):
+            compressed.append(
+                run_setting(entry, models["moe_whole"], trained["moe_whole"]["test_ppl"], blocks, work, log)
             )
         timings["compress_eval_seconds"] = time.perf_counter() - t
 
@@ -1483,6 +2050,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         "timings": timings,
         "wall_seconds_total": None,
     }
+    built = [(trained_dir(root, k, s, trained[k]["lr"]).name, trained[k]) for k in trained if k != "moe_whole"]
+    built += [(trained_dir(root, "moe_whole", s, c["lr"]).name, c) for c in trained["moe_whole"]["lr_search"]]
+    result["cached_models"] = [name for name, meta in built if meta["cached"]]
+    result["cached_training_seconds"] = sum(
+        meta.get("train_seconds", meta.get("seconds", 0.0)) for _, meta in built if meta["cached"]
+    )
+    result["trained_models_total"] = len(built)
     result["wall_seconds_total"] = time.perf_counter() - t0
     result["breakpoints"] = {
         k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in breakpoints(result).items()

@@ -41,9 +41,14 @@ def test_outputs_written(quick):
     assert (out / "compression.png").stat().st_size > 10_000
     assert result["command"] == "python benchmarks/compression.py --quick"
     assert {g["goal"] for g in result["goals"]} >= {"DARE 0.9 within 1 % of the uncompressed perplexity"}
-    assert set(result["trained"]) == {"moe", "moe_shared", "dense_ft", "moe_lowlr"}
+    assert set(result["trained"]) == {"moe", "moe_shared", "dense_ft", "moe_lowlr", "moe_whole", "dense_whole"}
     assert result["trained"]["moe_lowlr"]["lr"] == pytest.approx(result["settings"]["lr"] * 0.1)
     assert {r["family"] for r in result["compressed"]} >= {"ctl_dare", "ctl_quantize", "ext_dare", "ext_quantize"}
+    assert {r["family"] for r in result["compressed"]} >= {"whole_dare", "whole_quantize", "whole_quantize_group"}
+    # the goals are stated for every trained MoE
+    dare_goal = {g["moe"] for g in result["goals"] if g["goal"].startswith("DARE 0.9")}
+    assert dare_goal == {"moe", "moe_lowlr", "moe_whole"}
+    assert all(isinstance(g["met"], bool) or g["value"] == "not run" for g in result["goals"])
 
 
 def test_perplexities_finite_and_positive(quick):
@@ -122,3 +127,50 @@ def test_generation_arms(quick):
     new = result["settings"]["gen_prompts"] * result["settings"]["gen_new_tokens"]
     for r in arms.values():
         assert r["tokens_per_s"] > 0 and r["new_tokens_total"] == new
+
+
+def test_whole_model_moe(quick):
+    """The whole-model MoE trains every parameter, its lr is the validation-best of its grid, and its compressed
+    adapters carry the trained non-expert modules."""
+    result, _ = quick
+    s, t = result["settings"], result["trained"]
+    w, dense = t["moe_whole"], t["dense_whole"]
+    base_params = result["base_model"]["meta"]["num_parameters"]
+    hidden, mlp, layers = s["base"]["hidden_size"], 88, s["base"]["num_layers"]
+    non_ffn = base_params - layers * 3 * hidden * mlp
+    # every non-FFN parameter has a trainable copy, beside the experts + router of the experts-only MoE
+    assert w["copied_params"] == non_ffn
+    assert w["experts_router_params"] == t["moe"]["trainable_params"]
+    assert w["trainable_params"] == w["experts_router_params"] + w["copied_params"]
+    assert w["carried_bytes"] == 4 * non_ffn  # fp32
+    assert dense["trainable_params"] == base_params
+    # the lr: the best validation ppl of the grid, chosen without the test split; the dense run uses it too
+    search = w["lr_search"]
+    assert [c["lr"] for c in search] == s["whole_lr_grid"]
+    assert w["lr"] == min(search, key=lambda c: c["val_ppl"])["lr"] == dense["lr"]
+    assert all(set(c) >= {"lr", "val_loss", "val_ppl"} and "test_ppl" not in c for c in search)
+    assert math.isclose(w["val_ppl"], min(c["val_ppl"] for c in search), rel_tol=1e-6)
+    # the experts moved; with them dropped the trained rest remains (a finite, different model)
+    assert w["weights"]["routed"]["delta_rel"] > 1e-3
+    dropped = w["deltas_dropped"]["test_ppl"]
+    assert math.isfinite(dropped) and dropped > 1 and dropped != w["test_ppl"]
+    rows = [r for r in result["compressed"] if r["family"].startswith("whole_")]
+    assert len(rows) >= 3
+    for r in rows:
+        assert r["compression_report"]["compressed_bytes"]["carried"] == w["carried_bytes"], r["id"]
+        assert r["bytes_on_disk"]["total"] > w["carried_bytes"], r["id"]
+        assert math.isfinite(r["test_ppl"]) and r["test_ppl"] > 1
+        assert r["delta_pct"] == pytest.approx(100 * (r["test_ppl"] / w["test_ppl"] - 1))
+    by_id = _by_id(result)
+    assert by_id["whole_quant_2_row"]["weights"]["routed"]["error_rel_delta"] < 0.6
+    # the experts-only MoE's compressed adapters carry nothing (its non-expert weights are the dense model's)
+    assert by_id["dare_0.9"]["compression_report"]["compressed_bytes"]["carried"] == 0
+    assert t["moe"]["carried_bytes"] == 0
+
+
+def test_bytes_on_disk_leave_the_readme_out(quick):
+    result, _ = quick
+    for r in result["compressed"]:
+        files = r["bytes_on_disk"]["files"]
+        assert r["bytes_on_disk"]["total"] == sum(v for k, v in files.items() if k != "README.md")
+        assert r["compression_report"]["file_bytes"] == sum(files.values())
