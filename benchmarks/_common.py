@@ -45,7 +45,8 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _status_mb(field_name: str) -> float | None:
+def status_mb(field_name: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``...) in MiB, or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field_name + ":"):
@@ -57,7 +58,7 @@ def _status_mb(field_name: str) -> float | None:
 
 def current_rss_mb() -> float:
     """Resident set now (``VmRSS``), or the high-water mark where /proc is missing."""
-    value = _status_mb("VmRSS")
+    value = status_mb("VmRSS")
     return max_rss_mb() if value is None else value
 
 
@@ -67,12 +68,12 @@ def reset_peak_rss() -> bool:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
-    return _status_mb("VmHWM") is not None
+    return status_mb("VmHWM") is not None
 
 
 def peak_rss_mb() -> float:
     """Peak resident set since the last :func:`reset_peak_rss` (``VmHWM``), else ``ru_maxrss``."""
-    value = _status_mb("VmHWM")
+    value = status_mb("VmHWM")
     return max_rss_mb() if value is None else value
 
 
@@ -145,3 +146,51 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def serve_arm(arm) -> None:
+    """Worker side of :class:`ArmProcess`: announce ``ready``, then answer ``run`` (one timed call) and ``summary``
+    (the arm's own-process summary; ends the worker) on stdin, one JSON line each."""
+    import json
+    import sys
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            print(json.dumps(arm.run()), flush=True)
+        elif line.strip() == "summary":
+            print(json.dumps(arm.summary(own_process=True)), flush=True)
+            return
+
+
+class ArmProcess:
+    """One benchmark arm in its own fresh process (``script --gen-worker <spec json>``, served by :func:`serve_arm`),
+    so its peak resident memory is its own."""
+
+    def __init__(self, name: str, script: str, spec: dict) -> None:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        self.name = name
+        cmd = [sys.executable, script, "--gen-worker", json.dumps(spec)]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+
+    def expect(self, what: str | None = None) -> str:
+        line = self.proc.stdout.readline()
+        if not line or (what and line.strip() != what):
+            self.proc.kill()
+            err = self.proc.stderr.read()[-3000:]
+            raise RuntimeError(f"arm {self.name!r} failed (got {line!r}):\n{err}")
+        return line
+
+    def ask(self, command: str):
+        import json
+
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.expect())

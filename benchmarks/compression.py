@@ -565,22 +565,13 @@ def run_setting(entry: dict, moe, uncompressed_ppl: float, blocks: dict, work: P
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _status_mib(field_name: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
 
 class GenArm:
     """One generation arm, loaded once (the dense model from disk, plus the adapter if any); ``run()`` times one
     greedy generation of ``new_tokens`` for every prompt (one batch)."""
 
     def __init__(self, spec: dict) -> None:
-        self.rss_imports = _status_mib("VmHWM")
+        self.rss_imports = _common.status_mb("VmHWM")
         model = load_base(Path(spec["base_dir"]))
         if spec["adapter_dir"]:
             from peft import PeftModel
@@ -609,7 +600,7 @@ class GenArm:
 
     def summary(self, own_process: bool) -> dict:
         new = (self.out.shape[1] - self.prompts.shape[1]) * self.out.shape[0]
-        peak = _status_mib("VmHWM") if own_process else None
+        peak = _common.status_mb("VmHWM") if own_process else None
         base = self.rss_imports if own_process else None
         return {
             "tokens_per_s": new / statistics.median(self.times),
@@ -625,37 +616,9 @@ class GenArm:
 def gen_worker(spec: dict) -> None:
     """Subprocess side: load one arm, warm up, then answer ``run`` (one timed generation) and ``summary``."""
     torch.set_num_threads(spec["threads"])
-    arm = GenArm(spec)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "run":
-            print(json.dumps(arm.run()), flush=True)
-        elif line.strip() == "summary":
-            print(json.dumps(arm.summary(own_process=True)), flush=True)
-            return
+    _common.serve_arm(GenArm(spec))
 
 
-class _GenProcess:
-    def __init__(self, name: str, spec: dict) -> None:
-        self.name = name
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--gen-worker", json.dumps(spec)]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-
-    def expect(self, what: str | None = None) -> str:
-        line = self.proc.stdout.readline()
-        if not line or (what and line.strip() != what):
-            self.proc.kill()
-            err = self.proc.stderr.read()[-3000:]
-            raise RuntimeError(f"generation arm {self.name!r} failed (got {line!r}):\n{err}")
-        return line
-
-    def ask(self, command: str):
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.expect())
 
 
 def generation(
@@ -677,10 +640,10 @@ def generation(
             for arm in loaded.values():
                 arm.run()
         return {name: arm.summary(own_process=False) for name, arm in loaded.items()}
-    procs: dict[str, _GenProcess] = {}
+    procs: dict[str, _common.ArmProcess] = {}
     try:
         for name, adapter in arms.items():  # started together (imports overlap), then timed one at a time
-            procs[name] = _GenProcess(name, spec | {"adapter_dir": adapter})
+            procs[name] = _common.ArmProcess(name, str(Path(__file__).resolve()), spec | {"adapter_dir": adapter})
         for proc in procs.values():
             proc.expect("ready")
         for r in range(s.gen_runs):

@@ -31,7 +31,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -616,25 +615,16 @@ def copy_model(model: torch.nn.Module) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _status_mib(field_name: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
 
 class GenArm:
     """One arm loaded from a saved model directory; ``run()`` times one greedy generation (batch 1)."""
 
     def __init__(self, spec: dict) -> None:
-        self.rss_imports = _status_mib("VmRSS")
+        self.rss_imports = _common.status_mb("VmRSS")
         model = transformers.AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=torch.float32).eval()
         self.model, self.new_tokens = model, spec["new_tokens"]
-        self.rss_loaded = _status_mib("VmRSS")
-        self.hwm_loading = _status_mib("VmHWM")
+        self.rss_loaded = _common.status_mb("VmRSS")
+        self.hwm_loading = _common.status_mb("VmHWM")
         self.prompt = torch.tensor([spec["prompt"]], dtype=torch.long)
         self.kwargs = {"input_ids": self.prompt, "attention_mask": torch.ones_like(self.prompt), "do_sample": False}
         self.kwargs["pad_token_id"] = spec["pad_token_id"]
@@ -654,7 +644,7 @@ class GenArm:
 
     def summary(self, own_process: bool) -> dict:
         new = self.out.shape[1] - self.prompt.shape[1]
-        peak = _status_mib("VmHWM") if own_process and self.peak_reset else None
+        peak = _common.status_mb("VmHWM") if own_process and self.peak_reset else None
         return {
             "tokens_per_s": new / statistics.median(self.times),
             "times_s": self.times,
@@ -686,38 +676,9 @@ def greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[i
 def gen_worker(spec: dict) -> None:
     """Subprocess side: load one arm, warm up, then answer ``run`` and ``summary`` on stdin."""
     torch.set_num_threads(spec["threads"])
-    arm = GenArm(spec)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "run":
-            print(json.dumps(arm.run()), flush=True)
-        elif line.strip() == "summary":
-            print(json.dumps(arm.summary(own_process=True)), flush=True)
-            return
+    _common.serve_arm(GenArm(spec))
 
 
-class _GenProcess:
-    def __init__(self, name: str, spec: dict) -> None:
-        self.name = name
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--gen-worker", json.dumps(spec)]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-
-    def expect(self, what: str | None = None) -> str:
-        line = self.proc.stdout.readline()
-        if not line or (what and line.strip() != what):
-            self.proc.kill()
-            raise RuntimeError(
-                f"generation arm {self.name!r} failed (got {line!r}):\n{self.proc.stderr.read()[-3000:]}"
-            )
-        return line
-
-    def ask(self, command: str):
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.expect())
 
 
 def generation(arms: dict[str, Path], prompt: list[int], s: Settings, in_process: bool, log) -> dict:
@@ -730,10 +691,10 @@ def generation(arms: dict[str, Path], prompt: list[int], s: Settings, in_process
             for arm in loaded.values():
                 arm.run()
         return {name: arm.summary(own_process=False) for name, arm in loaded.items()}
-    procs: dict[str, _GenProcess] = {}
+    procs: dict[str, _common.ArmProcess] = {}
     try:
         for name, d in arms.items():
-            procs[name] = _GenProcess(name, spec | {"dir": str(d)})
+            procs[name] = _common.ArmProcess(name, str(Path(__file__).resolve()), spec | {"dir": str(d)})
             procs[name].expect("ready")  # one at a time: the loading peaks do not overlap
         for r in range(s.gen_runs):
             times = {name: proc.ask("run") for name, proc in procs.items()}
