@@ -19,10 +19,8 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -531,21 +529,14 @@ def pretrained_base(
         "train_seconds": round(train_seconds, 2),
     }
 
+    from .atomic import write_dir
+
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    try:
-        _save_base(model, tokenizer, meta, tmp)
-        if final.exists():  # force=True, or an invalid leftover: move it aside, then swap in the new one
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=root))
-            os.replace(final, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _is_valid_cache(final):  # not a concurrent writer that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:  # written into a temporary sibling, then swapped in (an invalid leftover or force=True: replaced)
+        write_dir(final, lambda tmp: _save_base(model, tokenizer, meta, tmp), what="cache")
+    except OSError:
+        if not _is_valid_cache(final):  # not a concurrent writer that finished first
+            raise
     return _load_base(final)
 
 
