@@ -8,7 +8,7 @@ losses and scales them under gradient accumulation.
 from .compression import CompressionConfig, CompressionReport, compress, compression_report, decompress
 from .compression.serialization import register as register_d2moe
 from .config import DeRSConfig
-from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, SparseDelta
+from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, QuantizedDelta, SparseDelta, UniversalFullDelta
 from .export import convert_to_moe, export_moe
 from .layer import DeRSLayer
 from .model import DeRSModel
@@ -35,7 +35,9 @@ __all__ = [
     "FullDelta",
     "LowRankDelta",
     "ParameterReport",
+    "QuantizedDelta",
     "SparseDelta",
+    "UniversalFullDelta",
     "compress",
     "compression_report",
     "convert_to_moe",
