@@ -68,7 +68,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_compress_parser(sub, common) -> None:
-    from .compression.config import BITS, METHODS
+    from .compression.config import BITS
 
     com = sub.add_parser(
         "compress",
@@ -84,7 +84,13 @@ def _add_compress_parser(sub, common) -> None:
     src = com.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="local directory of a DeRS adapter with delta_type='full' over --base")
     src.add_argument("--moe", help="local directory of a Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint")
-    com.add_argument("--method", choices=METHODS, required=True, help="how the deltas are compressed")
+    com.add_argument(
+        "--method",
+        choices=("dare", "magnitude", "quantize"),
+        required=True,
+        help="how the deltas are compressed (D2-MoE, which needs calibration data, is the Python API's "
+        "compress(method='d2moe'))",
+    )
     com.add_argument("--drop-rate", type=float, default=None, help="dare/magnitude: share of entries dropped [0, 1)")
     com.add_argument("--bits", type=int, choices=BITS, default=None, help="quantize: bits per entry")
     com.add_argument("--group-size", type=int, default=None, help="quantize: entries per scale (default: per row)")

@@ -87,3 +87,11 @@ def test_cli_refuses_bad_paths(saved, capsys):
         assert main(["compress", *paths, *base, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert (root / "dense" / "config.json").is_file()  # the refused output directory is untouched
+
+
+def test_cli_offers_only_the_dense_based_methods(saved, capsys):
+    root, _, _ = saved
+    argv = ["compress", "--base", str(root / "dense"), "--adapter", str(root / "full"), "--method", "d2moe"]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(root / "never")])
+    assert stop.value.code == 2 and "invalid choice: 'd2moe'" in capsys.readouterr().err
