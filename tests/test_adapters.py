@@ -175,20 +175,28 @@ def test_merge_and_unload_single_expert_equals_explicit_w_plus_delta():
     torch.testing.assert_close(fc1.bias, want_b.detach(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family,shared", [("llama", False), ("qwen2", True), ("phi", False)])
-def test_merge_and_unload_routed_moe_is_never_silently_dense(family, shared):
-    """N > 1 cannot fold into one dense FFN: either a clear error or a model that computes the DeRS model."""
+@pytest.mark.parametrize(
+    "family,shared,moe_class", [("llama", False, "MixtralForCausalLM"), ("qwen2", True, "Qwen2MoeForCausalLM")]
+)
+def test_merge_and_unload_routed_moe_is_the_equivalent_moe(family, shared, moe_class):
+    """N > 1 cannot fold into one dense FFN: an exportable family gives its standard MoE model, computing the DeRS
+    model."""
     dense_model = tiny_model(family)
     dense_mlp_type = type(dense_model.model.layers[0].mlp)
     peft_model = upcycled(family, num_experts=3, top_k=2, shared_expert=shared)
     want = logits(peft_model)
-    try:
-        result = peft_model.merge_and_unload()
-    except ValueError as err:
-        assert "merge_and_unload" in str(err) or "MoE" in str(err)
-        return
+    result = peft_model.merge_and_unload()
+    assert type(result).__name__ == moe_class
     assert not any(type(m) is dense_mlp_type for m in result.modules())
     torch.testing.assert_close(logits(result), want, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_unload_routed_moe_without_target_refuses():
+    """Phi (parallel blocks, GELU MLP) has no standard MoE target: merge_and_unload refuses and names why."""
+    peft_model = upcycled("phi", num_experts=3, top_k=2)
+    with pytest.raises(ValueError, match="No exact standard MoE target.*model_type='phi'.*no standard MoE"):
+        peft_model.merge_and_unload()
+    assert ders_layers(peft_model)  # the model is left as it was
 
 
 def test_merge_adapter_round_trip():
@@ -201,7 +209,16 @@ def test_merge_adapter_round_trip():
 
 
 def test_reexported_names():
-    assert ders_peft.DeRSConfig is DeRSConfig
+    """Every name in ``ders_peft.__all__`` resolves, and peft maps the DERS type to this package's classes."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    from ders_peft.config import DeRSConfig as config_class
+    from ders_peft.model import DeRSModel
+
+    assert all(getattr(ders_peft, name, None) is not None for name in ders_peft.__all__)
+    assert DeRSConfig is config_class
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["DERS"] is config_class
+    assert PEFT_TYPE_TO_TUNER_MAPPING["DERS"] is DeRSModel
 
 
 @pytest.mark.parametrize("delta_type", ["lowrank", "sparse", "full"])
@@ -222,3 +239,24 @@ def test_unload_leaves_no_ders_hook():
     plain = peft_model.unload()
     assert not plain._forward_pre_hooks
     assert not any(isinstance(m, ders_peft.DeRSLayer) for m in plain.modules())
+
+
+def test_transformers_load_adapter_second_adapter_by_name(tmp_path):
+    """transformers' ``model.load_adapter(dir)`` loads a DeRS adapter, and a second one by name (README claim):
+    each computes what the saved PeftModel computed."""
+    first = upcycled("llama", delta_type="sparse")
+    second = get_peft_model(tiny_model("llama"), DeRSConfig(num_experts=2, top_k=1, rank=2, seed=5))
+    randomize_adapter(second, std=0.05, seed=7)
+    want_first, want_second = logits(first), logits(second)
+    assert (want_first - want_second).abs().max() > 1e-3
+    first.save_pretrained(tmp_path / "first")
+    second.save_pretrained(tmp_path / "second")
+
+    model = tiny_model("llama")
+    model.load_adapter(str(tmp_path / "first"))
+    torch.testing.assert_close(logits(model), want_first, atol=1e-6, rtol=0)
+    model.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    assert set(model.peft_config) == {"default", "second"}
+    for layer in ders_layers(model):  # transformers' set_adapter needs peft >= 0.22: switch the layers directly
+        layer.set_adapter("second")
+    torch.testing.assert_close(logits(model), want_second, atol=1e-6, rtol=0)

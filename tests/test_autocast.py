@@ -23,7 +23,8 @@ def test_forward_backward_under_bf16_autocast(delta_type, shared):
         out = peft_model(input_ids=ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss)
-    # bf16 matmuls: close to the fp32 result, not equal
-    assert (out.logits.float() - ref).abs().max() < 0.1
+    # bf16 matmuls: close to the fp32 result (measured error 0.002-0.004 on logits of size ~0.4), not equal
+    err = (out.logits.float() - ref).abs().max()
+    assert 0 < err < 0.012
     grads = [p.grad for n, p in peft_model.named_parameters() if "ders_" in n and p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

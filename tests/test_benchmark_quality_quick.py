@@ -1,12 +1,14 @@
-"""The quality benchmark's quick mode runs end to end and writes its result file (numbers are not checked here)."""
+"""The quality benchmark's quick mode runs end to end and writes its result file, every number in it finite."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_benchmarks_quick import numbers
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
@@ -45,6 +47,8 @@ def test_quality_benchmark_quick(tmp_path):
         "vanilla_all",
         "lm_r4_all",
     }
+    found = list(numbers(result))
+    assert found and all(math.isfinite(v) for _, v in found), [p for p, v in found if not math.isfinite(v)]
 
 
 @pytest.mark.parametrize("case", ["error in the run", "code changed"])

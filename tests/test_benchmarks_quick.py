@@ -1,8 +1,10 @@
-"""Smoke runs of the training-step and parameter-efficiency benchmarks in --quick mode (completion only)."""
+"""Quick runs of the training-step and parameter-efficiency benchmarks: they complete, every number in the result
+file is finite, and the arms they name are there."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +14,46 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def numbers(value, path="$"):
+    """Every (path, number) in a parsed JSON value (bools left out)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from numbers(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from numbers(v, f"{path}[{i}]")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield path, value
+
+
+def check_train_step(data):
+    main = data["step"]["main"]
+    assert {"dense_full_ft", "ders_full_N4k2", "mixtral_N4k2", "ders_lm_r4_N4k2", "ders_sm_0.999_N4k2"} <= set(main)
+    assert any(name.startswith("dense_lora_r") for name in main)
+    assert data["memory"] and set(data["memory"]) <= set(main) | set(data["step"]["grid"])
+    for name, arm in main.items():
+        assert arm["times_s"] and all(t > 0 for t in arm["times_s"]), name
+    assert data["layer"]["times_s"] and all(t > 0 for ts in data["layer"]["times_s"].values() for t in ts)
+
+
+def check_params(data):
+    assert data["configs"] and set(data["configs"]) == set(data["layers"])
+    for model, groups in data["configs"].items():
+        assert set(groups) == {"routed_only", "shared_expert"}, model
+        for arms in groups.values():
+            assert "vanilla (full copies)" in arms
+            assert any(a.startswith("DeRS-SM") for a in arms) and any(a.startswith("DeRS-LM") for a in arms)
+            assert all(a["added_params"] > 0 and a["trainable_params"] > 0 for a in arms.values())
+
+
 @pytest.mark.parametrize(
-    "script,result",
-    [("train_step.py", "benchmarks_train_step.json"), ("param_efficiency.py", "benchmarks_params.json")],
+    "script,result,check",
+    [
+        ("train_step.py", "benchmarks_train_step.json", check_train_step),
+        ("param_efficiency.py", "benchmarks_params.json", check_params),
+    ],
 )
-def test_benchmark_quick_mode_writes_results(tmp_path, script, result):
+def test_benchmark_quick_mode_writes_results(tmp_path, script, result, check):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out-dir", str(tmp_path)],
         capture_output=True,
@@ -27,6 +64,9 @@ def test_benchmark_quick_mode_writes_results(tmp_path, script, result):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / result).read_text())
     assert data["command"].startswith("python benchmarks/")
+    found = list(numbers(data))
+    assert found and all(math.isfinite(v) for _, v in found), [p for p, v in found if not math.isfinite(v)]
+    check(data)
 
 
 def test_quick_runs_never_write_into_docs(monkeypatch):

@@ -290,6 +290,12 @@ REFUSALS = [
     ("llama", "granitemoe", {}, {}, "allowed targets for 'llama'"),
     ("phi", None, {}, {}, "model_type='phi'"),
     ("gpt2", None, {}, {}, "model_type='gpt2'"),
+    ("gemma2", None, {}, {}, "model_type='gemma2': Gemma-2 has extra post-norms"),
+    ("olmo", None, {}, {}, "model_type='olmo': OLMo uses a non-parametric LayerNorm"),
+    ("olmo2", None, {}, {}, "model_type='olmo2': OLMo-2 normalises after attention/FFN"),
+    ("phi3", None, {}, {}, "model_type='phi3': PhiMoE uses LayerNorm"),
+    ("stablelm", None, {}, {}, "model_type='stablelm': StableLM uses LayerNorm"),
+    ("gpt_neox", None, {}, {}, "model_type='gpt_neox': GPT-NeoX has parallel attention/FFN"),
     (
         "qwen3",
         None,
@@ -300,9 +306,28 @@ REFUSALS = [
 ]
 
 
+def _tiny_unlisted(family: str, **kw):
+    """Tiny Gemma-2 / OLMo-2 models (families ``ders_testing.FAMILIES`` does not list)."""
+    cfg_cls, model_cls = {
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    cfg = cfg_cls(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, **({"head_dim": 8} if family == "gemma2" else {}), **kw,
+    )  # fmt: skip
+    return model_cls(cfg).eval()
+
+
 @pytest.mark.parametrize("family,arch,model_kw,cfg_kw,message", REFUSALS)
 def test_refusals_name_the_reason(family, arch, model_kw, cfg_kw, message):
-    model = tiny_granite(2, **model_kw) if family == "granite" else tiny_model(family, layers=2, **model_kw)
+    if family == "granite":
+        model = tiny_granite(2, **model_kw)
+    elif family in ("gemma2", "olmo2"):
+        model = _tiny_unlisted(family, **model_kw)
+    else:
+        model = tiny_model(family, layers=2, **model_kw)
     peft_model = get_peft_model(model, ders_peft.DeRSConfig(num_experts=3, top_k=2, **cfg_kw))
     with pytest.raises(ValueError, match="No exact standard MoE target") as err:
         plan_export(peft_model, arch)
@@ -444,3 +469,54 @@ def test_cli_rejects_missing_dirs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--base=" in err and "config.json" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_export_in_half_precision(tmp_path, dtype):
+    """A bf16/fp16 DeRS model exports in its own dtype (the experts are synthesised in fp32, then cast): the saved
+    weights have that dtype and equal the fp32 model's export to half precision."""
+    peft_model = ders_model("llama", delta_type="sparse")
+    want = convert_to_moe(peft_model)
+    half = peft_model.to(dtype)
+    out = export_moe(half, tmp_path / "out")
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    assert {p.dtype for p in moe.parameters()} == {dtype}
+    assert "| dtype | " + str(dtype).replace("torch.", "") + " |" in (out / "README.md").read_text()
+    sd_want = want.state_dict()
+    tol = 2**-7 if dtype == torch.bfloat16 else 2**-10  # the half model's own rounding of base and deltas
+    for name, tensor in moe.state_dict().items():
+        scale = float(sd_want[name].abs().max()) if tensor.is_floating_point() else 0.0
+        torch.testing.assert_close(tensor.float(), sd_want[name].float(), atol=2 * tol * scale, rtol=0)
+
+
+def test_failed_export_check_writes_nothing_and_no_verify_skips_it(tmp_path, monkeypatch):
+    """``export_moe`` raises "export check failed" (and writes nothing) when the logits differ by more than the
+    tolerance; ``verify=False`` skips the check."""
+    from ders_peft import export as export_module
+
+    peft_model = ders_model("llama")
+    monkeypatch.setattr(export_module, "VERIFY_TOLERANCE", -1.0)  # any difference, even 0, is too large
+    with pytest.raises(export_module.ExportCheckError, match="export check failed: logits differ"):
+        export_moe(peft_model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    out = export_moe(peft_model, tmp_path / "out", verify=False)
+    assert (out / "config.json").is_file()
+
+
+def test_cli_export_dtype_and_no_verify(tmp_path, monkeypatch):
+    """``ders-peft export --dtype bfloat16 --no-verify``: a bf16 checkpoint, written without the logit check (which
+    the patched tolerance would fail: the CLI runs in this process to see the patch)."""
+    from ders_peft import export as export_module
+
+    base_dir, adapter_dir, out_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    dense = tiny_model("llama", layers=2)
+    dense.save_pretrained(base_dir)
+    peft_model = get_peft_model(dense, ders_peft.DeRSConfig(num_experts=3, top_k=2))
+    randomize_adapter(peft_model, std=0.1)
+    peft_model.save_pretrained(adapter_dir)
+    monkeypatch.setattr(export_module, "VERIFY_TOLERANCE", -1.0)
+    monkeypatch.setattr(export_module, "_verify", lambda *a: pytest.fail("--no-verify ran the check"))
+    args = ["export", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out_dir)]
+    assert cli.main([*args, "--dtype", "bfloat16", "--no-verify"]) in (0, None)
+    moe = AutoModelForCausalLM.from_pretrained(out_dir, dtype="auto")
+    assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}

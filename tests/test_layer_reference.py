@@ -8,8 +8,33 @@ from ders_testing import ders_layers, randomize_adapter, tiny_model
 from peft import get_peft_model
 
 import ders_peft
-from ders_peft import ffn
+from ders_peft import decode, ffn
+from ders_peft.deltas import FullDelta, LowRankDelta, SparseDelta
 from ders_peft.functional import reference_moe_ffn
+
+
+def raw_expert_weights(layer, adapter: str) -> dict[str, torch.Tensor] | None:
+    """Every expert's weight ``(E, out, in)`` synthesised here from the raw trainable tensors, independently of
+    ``Delta.materialize``/``synthesize``: ``W_base + s * B_e A_e`` (low-rank), ``W_base + s * scatter(I_e, V_e)``
+    (sparse), ``W_e`` (full), ``s`` the config's ``delta_scale``; connected to autograd. ``None`` for other kinds."""
+    s = layer.ders_settings[adapter].delta_scale
+    out = {}
+    for name, delta in layer.ders_delta[adapter].items():
+        E, o, i = delta.num_experts, delta.out_features, delta.in_features
+        if type(delta) is FullDelta:
+            out[name] = delta.weight
+            continue
+        if type(delta) is LowRankDelta:
+            a = delta.lora_a.weight.view(E, delta.rank, i)
+            b = delta.lora_b.weight.view(o, E, delta.rank)
+            d = torch.einsum("oer,eri->eoi", b, a)
+        elif type(delta) is SparseDelta:
+            d = torch.zeros(E, o * i, dtype=delta.weight.dtype)
+            d = d.scatter(1, delta.indices.long(), delta.weight).view(E, o, i)
+        else:
+            return None
+        out[name] = layer.base_weight(adapter, name).unsqueeze(0) + s * d
+    return out
 
 
 def reference_layer_output(layer, x: torch.Tensor) -> torch.Tensor:
@@ -25,8 +50,9 @@ def reference_layer_output(layer, x: torch.Tensor) -> torch.Tensor:
     if cfg.shared_expert:
         idx = torch.cat([idx, torch.full_like(idx[:, :1], cfg.num_experts)], 1)
         w = torch.cat([w, torch.ones_like(w[:, :1])], 1) * 0.5
-    weights = layer.expert_weights(adapter)
-    biases = layer.expert_biases(adapter)
+    weights = raw_expert_weights(layer, adapter) or layer.expert_weights(adapter)
+    own = layer.ders_bias[adapter] if adapter in layer.ders_bias else {}
+    biases = {n: own[n].weight if n in own else None for n in layer.layout.projs}
     lay = layer.layout
     y = reference_moe_ffn(
         xf,
@@ -47,9 +73,10 @@ CASES = [(dt, shared, k) for dt in ("lowrank", "sparse", "full") for shared in (
 
 @pytest.mark.parametrize("path", ["decode", "train"])
 @pytest.mark.parametrize("delta_type,shared,top_k", CASES)
-def test_layer_matches_naive_reference(delta_type, shared, top_k, path):
-    """decode: few tokens without autograd (``decode.layer_forward``); train: 39 tokens with gradients (the routed
-    training path), the input gradient compared too."""
+def test_layer_matches_naive_reference(delta_type, shared, top_k, path, monkeypatch):
+    """decode: few tokens without autograd (``decode.layer_forward`` really answers: one token for full deltas, whose
+    decode path needs no more slots than experts); train: 39 tokens with gradients (the routed training path), the
+    input gradient compared too."""
     model = tiny_model("llama")
     cfg = ders_peft.DeRSConfig(
         num_experts=4,
@@ -64,9 +91,13 @@ def test_layer_matches_naive_reference(delta_type, shared, top_k, path):
     randomize_adapter(peft_model, std=0.1)
     layer = ders_layers(peft_model)[0]
     if path == "decode":
-        x = torch.randn(3, 5, 32)
+        answered = []
+        real = decode.layer_forward
+        monkeypatch.setattr(decode, "layer_forward", lambda *a: answered.append(real(*a)) or answered[-1])
+        x = torch.randn(1, 1, 32) if delta_type == "full" else torch.randn(3, 5, 32)
         with torch.no_grad():
             got = layer(x)
+        assert len(answered) == 1 and answered[0] is not None, "the decode path was not taken"
     else:
         x = torch.randn(3, 13, 32, requires_grad=True)
         got = layer(x)
@@ -82,18 +113,32 @@ def test_layer_matches_naive_reference(delta_type, shared, top_k, path):
 
 
 @pytest.mark.parametrize("delta_type", ["lowrank", "sparse", "full"])
-@pytest.mark.parametrize("family", ["phi", "gpt2", "phi3"])
+@pytest.mark.parametrize("family", ["phi", "gpt2", "phi3", "llama_mlp_bias", "gemma"])
 def test_layer_reference_other_layouts(family, delta_type):
-    """Biased (Phi, GPT-2 Conv1D) and fused gate_up (Phi-3) layouts, gradients included."""
-    model = tiny_model(family)
-    cfg = ders_peft.DeRSConfig(num_experts=3, top_k=2, delta_type=delta_type, rank=2, sparse_rate=0.7)
+    """Biased (Phi, GPT-2 Conv1D, Llama ``mlp_bias=True``: one bias per expert), fused gate_up (Phi-3) and gated
+    non-SiLU (Gemma's GeGLU) layouts, gradients included: the input gradient against the reference's, and every
+    parameter gradient against plain autograd through the reference."""
+    model = tiny_model("llama", mlp_bias=True) if family == "llama_mlp_bias" else tiny_model(family)
+    cfg = ders_peft.DeRSConfig(
+        num_experts=3, top_k=2, delta_type=delta_type, rank=2, sparse_rate=0.7, router_aux_loss_coef=0.0
+    )
     peft_model = get_peft_model(model, cfg)
     randomize_adapter(peft_model, std=0.1)
     layer = ders_layers(peft_model)[0]
-    x = torch.randn(2, 6, 32)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    probe = torch.randn(2, 6, 32)
     got = layer(x)
     want = reference_layer_output(layer, x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g_got = torch.autograd.grad((got * probe).sum(), params)
+    g_want = torch.autograd.grad((want * probe).sum(), params, allow_unused=True)
+    for p, a, b in zip(params, g_got, g_want, strict=True):
+        assert b is not None and a.abs().max() > 0, p.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if family == "llama_mlp_bias":
+        assert {n for n in layer.layout.projs if n in layer.ders_bias["default"]} == set(layer.layout.projs)
+        assert all(b.weight.shape[0] == 3 for b in layer.ders_bias["default"].values())  # one bias per expert
 
 
 @pytest.mark.parametrize("delta_type", ["lowrank", "sparse", "full"])
@@ -214,3 +259,33 @@ def test_initialisation_is_reproducible_from_the_seed(delta_type):
             assert not torch.equal(value[0], value[1])  # each expert has its own positions
         if "lora_a" in key:
             assert not torch.equal(value[:4], value[4:8])  # experts 0 and 1 (rank 4: 4 rows each) differ
+
+
+@pytest.mark.parametrize("path", ["decode", "train"])
+@pytest.mark.parametrize("delta_type", ["lowrank", "sparse"])
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_delta_scale_scales_the_deltas(delta_type, scale, path):
+    """``delta_scale=s`` computes the experts ``W_base + s * B_e A_e`` / ``W_base + s * scatter(I_e, V_e)``: the
+    reference synthesises them from the raw tensors (not through ``Delta.materialize``), and a layer with scale 1
+    whose B (or values) is multiplied by ``s`` gives the same output."""
+    outputs = []
+    for s in (scale, 1.0):
+        cfg = ders_peft.DeRSConfig(
+            num_experts=4, top_k=2, delta_type=delta_type, rank=3, sparse_rate=0.5, delta_scale=s,
+            router_aux_loss_coef=0.0,
+        )  # fmt: skip
+        peft_model = get_peft_model(tiny_model("llama"), cfg)
+        randomize_adapter(peft_model, std=0.1)
+        layer = ders_layers(peft_model)[0]
+        if s == 1.0:  # fold the scale into the raw tensors instead
+            with torch.no_grad():
+                for delta in layer.ders_delta["default"].values():
+                    (delta.lora_b.weight if delta_type == "lowrank" else delta.weight).mul_(scale)
+        x = torch.randn(3, 5 if path == "decode" else 13, 32, generator=torch.Generator().manual_seed(2))
+        with torch.set_grad_enabled(path == "train"):
+            got = layer(x)
+            want = reference_layer_output(layer, x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        outputs.append(got.detach())
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    assert (outputs[0] - layer.base_layer(x)).abs().max() > 1e-3  # the scaled deltas really changed the output

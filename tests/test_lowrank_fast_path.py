@@ -21,7 +21,7 @@ def _outputs_and_grads(peft_model, x):
     return y.detach(), grads
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma"])  # gemma: GeGLU, a gated non-SiLU activation
 @pytest.mark.parametrize("shared,top_k,train_base", [(False, 2, True), (True, 1, False), (False, 3, True)])
 def test_fast_path_matches_generic_path(monkeypatch, family, shared, top_k, train_base):
     model = tiny_model(family)
@@ -37,16 +37,25 @@ def test_fast_path_matches_generic_path(monkeypatch, family, shared, top_k, trai
     monkeypatch.setattr(functional, "lowrank_routed_ffn", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(functional, "SLOT_CHUNK_ELEMENTS", 300)  # several chunks and a ragged last one
     y_fast, g_fast = _outputs_and_grads(peft_model, x)
-    if family != "gpt_neox":  # NeoX's MLP has biases: it must take the generic path
-        assert calls, "the fast path was not used"
-    else:
-        assert not calls
+    assert calls, "the fast path was not used"
     monkeypatch.setattr(functional, "_lowrank_fast_path", lambda *a: False)
     y_ref, g_ref = _outputs_and_grads(peft_model, x)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
     assert len(g_fast) == len(g_ref)
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_biased_mlp_does_not_take_the_fast_path(monkeypatch):
+    """GPT-NeoX's MLP has biases: the low-rank fast path (which has none) must not be used."""
+    peft_model = get_peft_model(tiny_model("gpt_neox"), ders_peft.DeRSConfig(num_experts=4, top_k=2, rank=3))
+    randomize_adapter(peft_model, std=0.1)
+    peft_model.train()
+    calls = []
+    real = functional.lowrank_routed_ffn
+    monkeypatch.setattr(functional, "lowrank_routed_ffn", lambda *a: calls.append(1) or real(*a))
+    _outputs_and_grads(peft_model, torch.randn(3, 7, 32))
+    assert not calls
 
 
 @pytest.mark.parametrize(
