@@ -35,7 +35,7 @@ MOE_TYPES: dict[str, bool | str] = {"mixtral": True, "qwen2_moe": "norm_topk_pro
 
 @dataclass
 class ExpertBlock:
-    """One MoE block in the dense model's FFN layout (``(out, in)`` weights, fp32 copies)."""
+    """One MoE block in the dense model's FFN layout (``(out, in)`` weights in fp32; read only)."""
 
     name: str  # module name of the FFN block in the dense model, e.g. "model.layers.0.mlp"
     router: torch.Tensor  # (N, hidden)
@@ -187,17 +187,16 @@ def _read_moe(moe: nn.Module, model_type: str, dense: nn.Module) -> MoESource:
                 f"compress(): dense_model does not match the MoE: {attr} is {getattr(dcfg, attr, None)} in the dense "
                 f"model ({dcfg.model_type}) and {getattr(cfg, attr)} in the {model_type} model. {NO_DENSE_MESSAGE}"
             )
+    from .moe_blocks import find_moe_blocks
+
     norm = MOE_TYPES[model_type]
     normalize = norm if isinstance(norm, bool) else bool(getattr(cfg, norm))
     blocks: list[ExpertBlock] = []
     moe_prefixes = []
-    for idx, layer in enumerate(moe.model.layers):
-        mlp = layer.mlp
-        if not hasattr(mlp, "experts"):
-            continue  # a dense block (mlp_only_layers): compared with the dense model like any other weight
+    for idx, info in find_moe_blocks(moe).items():  # dense blocks (mlp_only_layers) are compared like any weight
         name = f"model.layers.{idx}.mlp"
         moe_prefixes.append(name + ".")
-        blocks.append(_read_moe_block(name, mlp, dense.get_submodule(name), model_type))
+        blocks.append(_read_moe_block(name, info, dense.get_submodule(name), model_type))
     if not blocks:
         raise ValueError(f"compress(): the {model_type} model has no MoE block.")
     num_experts = blocks[0].router.shape[0]
@@ -232,23 +231,22 @@ def _read_moe(moe: nn.Module, model_type: str, dense: nn.Module) -> MoESource:
     )
 
 
-def _read_moe_block(name: str, mlp: nn.Module, dense_block: nn.Module, model_type: str) -> ExpertBlock:
+def _read_moe_block(name: str, info, dense_block: nn.Module, model_type: str) -> ExpertBlock:
+    """One MoE block (:class:`~.moe_blocks.MoEBlockInfo`, read from the model's own expert modules) in fp32."""
     layout = ffn.detect_layout(dense_block)
     if layout is None or layout.name != "swiglu":
         raise ValueError(
             f"compress(): the dense model's {name!r} is not a SwiGLU FFN (gate_proj/up_proj/down_proj); {model_type} "
             "experts are SwiGLU, so they cannot be copies of it."
         )
-    experts = mlp.experts
-    gate_up, down = experts.gate_up_proj.detach().float(), experts.down_proj.detach().float()
-    inter = gate_up.shape[1] // 2
-    weights = {"gate_proj": gate_up[:, :inter], "up_proj": gate_up[:, inter:], "down_proj": down}
+    down = info.down.float()
+    weights = {"gate_proj": info.gate.float(), "up_proj": info.up.float(), "down_proj": down}
     _check_shapes(name, weights, dense_block, "experts")
-    block = ExpertBlock(name=name, router=mlp.gate.weight.detach().float().clone(), experts=weights, biases={})
-    shared = getattr(mlp, "shared_expert", None)
-    if shared is not None:
-        uni = {p: getattr(shared, p).weight.detach().float() for p in ("gate_proj", "up_proj", "down_proj")}
-        gate_w = mlp.shared_expert_gate.weight.detach().float()
+    block = ExpertBlock(name=name, router=info.router_weight.float().clone(), experts=weights, biases={})
+    if info.shared_gate is not None:
+        uni = {"gate_proj": info.shared_gate.float(), "up_proj": info.shared_up.float()}
+        uni["down_proj"] = info.shared_down.float()
+        gate_w = info.shared_expert_gate.float()
         if all(not w.count_nonzero() for w in uni.values()):
             return block  # a zero shared expert (our export of a model without a universal FFN) adds exactly 0
         _check_shapes(name, uni, dense_block, "shared expert", stacked=False)
