@@ -83,8 +83,9 @@ def _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias) -> b
     deltas = [*in_deltas, out_delta]
     if not all(type(d) is LowRankDelta for d in deltas) or any(b is not None for b in in_bias):
         return False
-    weights = [*in_base, out_base]
-    if any(w is None or w.dtype != x.dtype for w in weights) or any(d.param_dtype != x.dtype for d in deltas):
+    # deltas in another dtype (peft keeps a bf16 model's adapters in fp32) are cast to the tokens' dtype, as the
+    # grouped path does; the base weights must already be in it
+    if any(w is None or w.dtype != x.dtype for w in [*in_base, out_base]):
         return False
     if len({(d.num_experts, d.rank) for d in deltas}) != 1 or len(in_deltas) not in (1, 2):
         return False
@@ -115,7 +116,7 @@ def lowrank_routed_ffn(
     a_in = torch.cat([d.lora_a.weight for d in in_deltas]) if len(in_deltas) > 1 else in_deltas[0].lora_a.weight
     w_in = torch.cat(list(in_base)) if len(in_base) > 1 else in_base[0]
     base = x @ w_in.t()  # (T, sum of out_j): every input projection's base product in one matmul
-    z = x @ a_in.t()  # (T, n_in * E*r): likewise their A products
+    z = x @ a_in.to(x.dtype).t()  # (T, n_in * E*r): likewise their A products
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     # under autocast: one compute dtype, cast outside (autograd casts grads back)
@@ -125,7 +126,7 @@ def lowrank_routed_ffn(
         mixed, z_out = _LowRankSlots.apply(
             (act, gated), plan.weights.to(dtype), mask, out_delta.lora_a.weight.to(dtype), *flat
         )
-    y = torch.addmm(mixed @ out_base.t(), z_out, _scaled_b(out_delta).t())
+    y = torch.addmm(mixed @ out_base.t(), z_out, _scaled_b(out_delta).to(z_out.dtype).t())
     if out_bias is not None:
         y = y + plan.gate_matrix(y.dtype) @ out_bias.to(y.dtype)
     return y

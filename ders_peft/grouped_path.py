@@ -308,21 +308,25 @@ class _GroupedSlots(torch.autograd.Function):
     delta ``sum_s w_s h_s Delta_out[e_s]^T`` ``(T, hidden)``, where ``h_s = act(gate_s) * up_s`` (or ``act(pre_s)``)
     and ``pre_s = base + x Delta_in[e_s]^T + b_in[e_s]``. Inputs: ``x`` ``(T, hidden)``, ``base`` ``(T, P)`` (the
     input projections' base products side by side), ``weights`` ``(T, S)``, then every op's parameter tensors (input
-    projections first), then the per-expert input biases ``(E, out_j)`` that exist."""
+    projections first), then the per-expert input biases ``(E, out_j)`` that exist. The sorted slots are processed
+    in runs of :data:`GROUPED_CHUNK_ELEMENTS` / P rows, so no ``(slots, intermediate)`` tensor is held whole."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, x, base, weights, *tensors):
         ctx.spec = spec
         ctx.save_for_backward(x, base, weights, *tensors)
         state = _State(spec, x, base, weights, tensors)
-        _, h, _ = state.hidden()
-        mixed = x.new_zeros(base.shape[0], h.shape[1]).index_add_(0, state.tok, h * state.w[:, None])
-        y_delta = x.new_zeros(x.shape)
         out_op, out_params = spec.ops[-1], state.params[-1]
-        for e, a, b in state.segments:
-            out = h.new_zeros(b - a, out_op.out_features)
-            out_op.add_product(e, h[a:b], out_params, out)
-            y_delta.index_add_(0, state.tok[a:b], out.mul_(state.w[a:b, None]))
+        mixed = x.new_zeros(base.shape[0], base.shape[1] // (2 if spec.gated else 1))
+        y_delta = x.new_zeros(x.shape)
+        for c0, c1, segments in state.chunks():
+            _, h, _ = state.hidden(c0, c1, segments)
+            tok = state.tok[c0:c1]
+            mixed.index_add_(0, tok, h * state.w[c0:c1, None])
+            for e, a, b in segments:
+                out = h.new_zeros(b - a, out_op.out_features)
+                out_op.add_product(e, h[a:b], out_params, out)
+                y_delta.index_add_(0, tok[a:b], out.mul_(state.w[c0 + a : c0 + b, None]))
         return mixed, y_delta
 
     @staticmethod
@@ -337,60 +341,78 @@ class _GroupedSlots(torch.autograd.Function):
         need = ctx.needs_input_grad
         state = _State(spec, x, base, weights, tensors)
         d_mixed, d_y = d_mixed.to(x.dtype), d_y.to(x.dtype)
-        pre, h, a_gate = state.hidden()
-        tok = state.tok
-        d_mixed_s = d_mixed.index_select(0, tok)
-        d_w = (h * d_mixed_s).sum(-1)
-        d_h = d_mixed_s.mul_(state.w[:, None])
         d_params = [[torch.zeros_like(p) for p in group] for group in state.params]
-        out_op, out_params = spec.ops[-1], state.params[-1]
-        for e, a, b in state.segments:
-            d_y_s = d_y.index_select(0, tok[a:b])
-            d_out = out_op.grad_input(e, d_y_s, out_params)  # d_y Delta_e: <h Delta_e^T, d_y> = <h, d_y Delta_e>
-            d_w[a:b] += (h[a:b] * d_out).sum(-1)
-            d_h[a:b] += d_out.mul_(state.w[a:b, None])
-            out_op.add_grad_params(e, d_y_s.mul_(state.w[a:b, None]), h[a:b], out_params, d_params[-1])
-        width = h.shape[1]
-        d_pre = torch.empty_like(pre)
-        if spec.gated:
-            gate, up = pre[:, :width], pre[:, width:]
-            torch.mul(d_h, a_gate, out=d_pre[:, width:])
-            d_act = d_h.mul_(up)
-        else:
-            gate, d_act = pre, d_h
-        d_gate = d_pre[:, :width]
-        if spec.silu:
-            torch.ops.aten.silu_backward.grad_input(d_act, gate, grad_input=d_gate)
-        else:
-            with torch.enable_grad():
-                leaf = gate.detach().requires_grad_()
-                activated = spec.act(leaf)
-            d_gate.copy_(torch.autograd.grad(activated, leaf, d_act)[0])
-        d_x_s = state.xs.new_zeros(state.xs.shape) if need[1] else None
         d_biases = [torch.zeros_like(bias) for bias in state.biases]
-        col, bias_at = 0, 0
-        for j, op in enumerate(spec.ops[:-1]):
-            cols = slice(col, col + op.out_features)
-            for e, a, b in state.segments:
-                grad = d_pre[a:b, cols]
-                if d_x_s is not None:
-                    d_x_s[a:b] += op.grad_input(e, grad, state.params[j])
-                op.add_grad_params(e, grad, state.xs[a:b], state.params[j], d_params[j])
-                if spec.has_bias[j]:
-                    d_biases[bias_at][e] = grad.sum(0)
-            bias_at += int(spec.has_bias[j])
-            col = cols.stop
-        T = base.shape[0]
-        d_x = x.new_zeros(x.shape).index_add_(0, tok, d_x_s) if d_x_s is not None else None
-        d_base = base.new_zeros(base.shape).index_add_(0, tok, d_pre) if need[2] else None
+        d_x = x.new_zeros(x.shape) if need[1] else None
+        d_base = base.new_zeros(base.shape) if need[2] else None
+        d_w_sorted = weights.new_empty(weights.numel())
+        for c0, c1, segments in state.chunks():
+            tok, w = state.tok[c0:c1], state.w[c0:c1, None]
+            pre, h, a_gate = state.hidden(c0, c1, segments)
+            d_h = d_mixed.index_select(0, tok)
+            d_w = torch.sum(h * d_h, dim=-1, out=d_w_sorted[c0:c1])
+            d_h.mul_(w)
+            out_op, out_params = spec.ops[-1], state.params[-1]
+            for e, a, b in segments:
+                d_y_s = d_y.index_select(0, tok[a:b])
+                d_out = out_op.grad_input(e, d_y_s, out_params)  # d_y Delta_e: <h Delta_e^T, d_y> = <h, d_y Delta_e>
+                d_w[a:b] += (h[a:b] * d_out).sum(-1)
+                d_h[a:b] += d_out.mul_(w[a:b])
+                out_op.add_grad_params(e, d_y_s.mul_(w[a:b]), h[a:b], out_params, d_params[-1])
+            d_pre = _activation_backward(spec, pre, a_gate, d_h)
+            xs = state.xs[c0:c1]
+            d_x_s = xs.new_zeros(xs.shape) if d_x is not None else None
+            col, bias_at = 0, 0
+            for j, op in enumerate(spec.ops[:-1]):
+                cols = slice(col, col + op.out_features)
+                for e, a, b in segments:
+                    grad = d_pre[a:b, cols]
+                    if d_x_s is not None:
+                        d_x_s[a:b] += op.grad_input(e, grad, state.params[j])
+                    op.add_grad_params(e, grad, xs[a:b], state.params[j], d_params[j])
+                    if spec.has_bias[j]:
+                        d_biases[bias_at][e] += grad.sum(0)
+                bias_at += int(spec.has_bias[j])
+                col = cols.stop
+            if d_x is not None:
+                d_x.index_add_(0, tok, d_x_s)
+            if d_base is not None:
+                d_base.index_add_(0, tok, d_pre)
         d_weights = None
         if need[3]:
-            d_weights = weights.new_zeros(weights.numel()).index_copy_(0, spec.order, d_w).view(T, -1)
+            d_weights = weights.new_zeros(weights.numel()).index_copy_(0, spec.order, d_w_sorted).view(weights.shape)
         return None, d_x, d_base, d_weights, *(g for group in d_params for g in group), *d_biases
 
 
+def _activation_backward(spec: _Spec, pre: torch.Tensor, a_gate: torch.Tensor | None, d_h: torch.Tensor):
+    """Gradient of the pre-activations ``(n, P)`` from that of ``h`` (``d_h`` is overwritten)."""
+    width = d_h.shape[1]
+    d_pre = torch.empty_like(pre)
+    if spec.gated:
+        gate, up = pre[:, :width], pre[:, width:]
+        torch.mul(d_h, a_gate, out=d_pre[:, width:])
+        d_act = d_h.mul_(up)
+    else:
+        gate, d_act = pre, d_h
+    d_gate = d_pre[:, :width]
+    if spec.silu:
+        torch.ops.aten.silu_backward.grad_input(d_act, gate, grad_input=d_gate)
+    else:
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_()
+            activated = spec.act(leaf)
+        d_gate.copy_(torch.autograd.grad(activated, leaf, d_act)[0])
+    return d_pre
+
+
+GROUPED_CHUNK_ELEMENTS = 2**22
+"""The grouped path works on runs of sorted slots whose pre-activations ``(rows, P)`` hold about this many elements
+(16 MiB in fp32): its per-slot temporaries stay that size instead of growing with slots x intermediate; tunable."""
+
+
 class _State:
-    """What forward and backward share: slots sorted by expert and the recomputation of their pre-activations."""
+    """What forward and backward share: slots sorted by expert, their runs, and the recomputation of their
+    pre-activations."""
 
     def __init__(self, spec: _Spec, x, base, weights, tensors) -> None:
         self.spec = spec
@@ -409,16 +431,27 @@ class _State:
         self.xs = x.index_select(0, self.tok)
         self.base = base
 
-    def hidden(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per-slot (sorted order) pre-activations ``(TS, P)``, ``h`` ``(TS, I)`` and ``act(gate)`` (gated only)."""
+    def chunks(self):
+        """``(start, stop, segments)`` per run of sorted slots; ``segments`` are ``(expert, a, b)`` relative to
+        ``start``."""
+        total = self.tok.shape[0]
+        rows = max(1, GROUPED_CHUNK_ELEMENTS // max(1, self.base.shape[1]))
+        for c0 in range(0, total, rows):
+            c1 = min(total, c0 + rows)
+            clipped = [(e, max(a, c0) - c0, min(b, c1) - c0) for e, a, b in self.segments if a < c1 and b > c0]
+            yield c0, c1, clipped
+
+    def hidden(self, c0: int, c1: int, segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Pre-activations ``(n, P)``, ``h`` ``(n, I)`` and ``act(gate)`` (gated only) of sorted slots ``c0:c1``."""
         spec = self.spec
-        pre = self.base.index_select(0, self.tok)
+        pre = self.base.index_select(0, self.tok[c0:c1])
+        xs = self.xs[c0:c1]
         col, bias_at = 0, 0
         for j, op in enumerate(spec.ops[:-1]):
             cols = slice(col, col + op.out_features)
-            for e, a, b in self.segments:
+            for e, a, b in segments:
                 view = pre[a:b, cols]
-                op.add_product(e, self.xs[a:b], self.params[j], view)
+                op.add_product(e, xs[a:b], self.params[j], view)
                 if spec.has_bias[j]:
                     view += self.biases[bias_at][e]
             bias_at += int(spec.has_bias[j])

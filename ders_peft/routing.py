@@ -54,7 +54,7 @@ class RoutingPlan:
         """``(T, S, E)`` one-hot expert mask."""
         key = ("one_hot", dtype)
         if key not in self._cache:
-            self._cache[key] = F.one_hot(self.expert_idx, self.num_experts).to(dtype)
+            self._cache[key] = one_hot(self.expert_idx, self.num_experts, dtype)
         return self._cache[key]
 
     def gate_matrix(self, dtype: torch.dtype) -> torch.Tensor:
@@ -68,19 +68,29 @@ class RoutingPlan:
         """Permutation of the flattened slots grouping them by expert: ``(order, inverse, counts)``.
 
         ``order[j]`` is the flat slot index (``token * S + slot``) at sorted position j; ``inverse`` undoes it;
-        ``counts[e]`` is the number of slots routed to expert e. Computed once per layer call and shared.
+        ``counts[e]`` is the number of slots routed to expert e, as Python ints: the per-expert products slice by
+        them, so this is the one host synchronisation of a layer call that groups by expert (on CUDA the host waits
+        for the router). Computed once per layer call and shared by forward and backward.
         """
         if "sorted" not in self._cache:
             flat = self.expert_idx.reshape(-1)
             order = torch.argsort(flat, stable=True)
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            positions = torch.arange(order.numel(), device=order.device)
+            inverse = torch.empty_like(order).scatter_(0, order, positions)
+            # not bincount: on CUDA it reads the largest index back to the host first (a second sync)
+            counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device)
+            counts = counts.scatter_add_(0, flat, torch.ones_like(flat)).tolist()
             self._cache["sorted"] = (order, inverse, counts)
         return self._cache["sorted"]
 
 
 SHARED_EXPERT_MIX = 0.5
+
+
+def one_hot(idx: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``F.one_hot(idx, num_classes).to(dtype)`` without its range checks, which read the smallest and largest index
+    back to the host (a synchronisation per call on CPU; the indices here come from ``topk`` and are in range)."""
+    return (idx.unsqueeze(-1) == torch.arange(num_classes, device=idx.device)).to(dtype)
 
 
 def route(
@@ -126,7 +136,7 @@ def load_balancing_loss(
     DeepSpeed-MoE / MoE-LLaVA, which the paper builds on); transformers' Mixtral instead pools every layer's tokens
     into one loss.
     """
-    counts = F.one_hot(expert_idx, num_experts).to(probs.dtype).sum(dim=1)  # (T, N)
+    counts = one_hot(expert_idx, num_experts, probs.dtype).sum(dim=1)  # (T, N)
     if token_mask is None:
         frac = counts.mean(dim=0)
         mean_prob = probs.mean(dim=0)

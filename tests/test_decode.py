@@ -29,10 +29,11 @@ CASES = [
 ]
 
 
-def _model(family, merged=False, **cfg_kw):
+def _model(family, merged=False, device="cpu", **cfg_kw):
     cfg = ders_peft.DeRSConfig(**{"num_experts": 4, "top_k": 2, "rank": 3, **cfg_kw})
     model = get_peft_model(tiny_model(family), cfg).eval()
     randomize_adapter(model, std=0.1)
+    model.to(device)
     if merged:
         model.merge_adapter()
     return model
@@ -55,9 +56,9 @@ def _spy(monkeypatch) -> list[bool]:
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("family,cfg_kw", CASES)
-def test_fast_path_matches_general_path(family, cfg_kw, tokens, merged, monkeypatch):
-    layer = ders_layers(_model(family, merged=merged, **cfg_kw))[0]
-    x = torch.randn(1, tokens, 32)
+def test_fast_path_matches_general_path(family, cfg_kw, tokens, merged, device, monkeypatch):
+    layer = ders_layers(_model(family, merged=merged, device=device, **cfg_kw))[0]
+    x = torch.randn(1, tokens, 32).to(device)
     cfg = layer.ders_settings["default"]
     slots = tokens * (cfg.top_k + cfg.shared_expert)
     # low-rank, sparse: always; whole expert weights (vanilla or merged): while there are at most as many slots as

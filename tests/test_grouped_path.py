@@ -61,7 +61,7 @@ def test_slot_core_gradcheck(mode, gated, num_in, bias, act, num_slots, monkeypa
 
 @pytest.mark.parametrize("family", ["llama", "phi", "phi3", "gpt2", "gemma"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_gather_and_csr_modes_agree_with_the_reference(family, shared, monkeypatch):
+def test_gather_and_csr_modes_agree_with_the_reference(family, shared, device, monkeypatch):
     """Both modes give the reference's output, input gradient and parameter gradients (plain autograd through the
     reference's explicitly synthesised experts)."""
     peft_model = get_peft_model(
@@ -76,10 +76,11 @@ def test_gather_and_csr_modes_agree_with_the_reference(family, shared, monkeypat
         ),
     )
     randomize_adapter(peft_model, std=0.1)
+    peft_model.to(device)
     layer = ders_layers(peft_model)[0]
-    x = torch.randn(3, 13, 32, requires_grad=True)  # 39 tokens with gradients: the training path, not decode
+    x = torch.randn(3, 13, 32).to(device).requires_grad_()  # 39 tokens with gradients: the training path
     params = [x, *(p for p in layer.parameters() if p.requires_grad)]
-    probe = torch.randn(3, 13, 32)
+    probe = torch.randn(3, 13, 32).to(device)
     results = []
     for density in (1.0, 0.0):  # gather, then CSR
         monkeypatch.setattr(grouped_path, "GATHER_DENSITY", density)
@@ -155,7 +156,7 @@ def test_no_expert_matrix_and_base_once_per_token(delta_type, family, shared):
 
 
 @pytest.mark.parametrize("family,num_experts,rank", [("llama", 20, 4), ("phi", 4, 2), ("gpt2", 3, 2)])
-def test_grouped_low_rank_matches_the_reference(family, num_experts, rank, monkeypatch):
+def test_grouped_low_rank_matches_the_reference(family, num_experts, rank, device, monkeypatch):
     """Low-rank deltas go grouped when the stacked factors are wide (experts x rank > 64) or the experts have input
     biases: output and input gradient equal the reference; parameter gradients equal the generic path's."""
     calls = []
@@ -165,10 +166,11 @@ def test_grouped_low_rank_matches_the_reference(family, num_experts, rank, monke
     )
     peft_model = get_peft_model(tiny_model(family), cfg)
     randomize_adapter(peft_model, std=0.1)
+    peft_model.to(device)
     layer = ders_layers(peft_model)[0]
-    x = torch.randn(3, 13, 32, requires_grad=True)
+    x = torch.randn(3, 13, 32).to(device).requires_grad_()
     params = [x, *(p for p in layer.parameters() if p.requires_grad)]
-    probe = torch.randn(3, 13, 32)
+    probe = torch.randn(3, 13, 32).to(device)
     got = layer(x)
     assert calls
     grads = torch.autograd.grad((got * probe).sum(), params)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from conftest import assert_close_bf16
 from ders_testing import ders_layers, randomize_adapter, tiny_model
 from peft import get_peft_model
 
 import ders_peft
-from ders_peft import decode, ffn
+from ders_peft import decode, ffn, functional
 from ders_peft.deltas import FullDelta, LowRankDelta, SparseDelta
 from ders_peft.functional import reference_moe_ffn
 
@@ -29,7 +32,7 @@ def raw_expert_weights(layer, adapter: str) -> dict[str, torch.Tensor] | None:
             b = delta.lora_b.weight.view(o, E, delta.rank)
             d = torch.einsum("oer,eri->eoi", b, a)
         elif type(delta) is SparseDelta:
-            d = torch.zeros(E, o * i, dtype=delta.weight.dtype)
+            d = torch.zeros(E, o * i, dtype=delta.weight.dtype, device=delta.weight.device)
             d = d.scatter(1, delta.indices.long(), delta.weight).view(E, o, i)
         else:
             return None
@@ -73,10 +76,10 @@ CASES = [(dt, shared, k) for dt in ("lowrank", "sparse", "full") for shared in (
 
 @pytest.mark.parametrize("path", ["decode", "train"])
 @pytest.mark.parametrize("delta_type,shared,top_k", CASES)
-def test_layer_matches_naive_reference(delta_type, shared, top_k, path, monkeypatch):
+def test_layer_matches_naive_reference(delta_type, shared, top_k, path, device, monkeypatch):
     """decode: few tokens without autograd (``decode.layer_forward`` really answers: one token for full deltas, whose
     decode path needs no more slots than experts); train: 39 tokens with gradients (the routed training path), the
-    input gradient compared too."""
+    input gradient compared too. On every device of ``conftest.DEVICES``."""
     model = tiny_model("llama")
     cfg = ders_peft.DeRSConfig(
         num_experts=4,
@@ -89,18 +92,20 @@ def test_layer_matches_naive_reference(delta_type, shared, top_k, path, monkeypa
     )
     peft_model = get_peft_model(model, cfg)
     randomize_adapter(peft_model, std=0.1)
+    peft_model.to(device)
     layer = ders_layers(peft_model)[0]
     if path == "decode":
         answered = []
         real = decode.layer_forward
         monkeypatch.setattr(decode, "layer_forward", lambda *a: answered.append(real(*a)) or answered[-1])
-        x = torch.randn(1, 1, 32) if delta_type == "full" else torch.randn(3, 5, 32)
+        x = (torch.randn(1, 1, 32) if delta_type == "full" else torch.randn(3, 5, 32)).to(device)
         with torch.no_grad():
             got = layer(x)
         assert len(answered) == 1 and answered[0] is not None, "the decode path was not taken"
     else:
-        x = torch.randn(3, 13, 32, requires_grad=True)
+        x = torch.randn(3, 13, 32).to(device).requires_grad_()
         got = layer(x)
+    assert got.device.type == device.type
     want = reference_layer_output(layer, x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -114,7 +119,7 @@ def test_layer_matches_naive_reference(delta_type, shared, top_k, path, monkeypa
 
 @pytest.mark.parametrize("delta_type", ["lowrank", "sparse", "full"])
 @pytest.mark.parametrize("family", ["phi", "gpt2", "phi3", "llama_mlp_bias", "gemma"])
-def test_layer_reference_other_layouts(family, delta_type):
+def test_layer_reference_other_layouts(family, delta_type, device):
     """Biased (Phi, GPT-2 Conv1D, Llama ``mlp_bias=True``: one bias per expert), fused gate_up (Phi-3) and gated
     non-SiLU (Gemma's GeGLU) layouts, gradients included: the input gradient against the reference's, and every
     parameter gradient against plain autograd through the reference."""
@@ -124,10 +129,11 @@ def test_layer_reference_other_layouts(family, delta_type):
     )
     peft_model = get_peft_model(model, cfg)
     randomize_adapter(peft_model, std=0.1)
+    peft_model.to(device)
     layer = ders_layers(peft_model)[0]
-    x = torch.randn(2, 6, 32, requires_grad=True)
+    x = torch.randn(2, 6, 32).to(device).requires_grad_()
     params = [x, *(p for p in layer.parameters() if p.requires_grad)]
-    probe = torch.randn(2, 6, 32)
+    probe = torch.randn(2, 6, 32).to(device)
     got = layer(x)
     want = reference_layer_output(layer, x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -289,3 +295,54 @@ def test_delta_scale_scales_the_deltas(delta_type, scale, path):
         outputs.append(got.detach())
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
     assert (outputs[0] - layer.base_layer(x)).abs().max() > 1e-3  # the scaled deltas really changed the output
+
+
+# (delta_type, path, autocast_adapter_dtype): a bf16 model's adapters upcast to fp32 (peft's default: the grouped
+# path, whole experts in fp32) or kept in bf16 (the low-rank fast path, and the decode paths)
+BF16_CASES = [
+    ("lowrank", "train", True),
+    ("sparse", "train", True),
+    ("full", "train", True),
+    ("lowrank", "train", False),
+    ("lowrank", "decode", False),
+    ("sparse", "decode", False),
+]
+
+
+@pytest.mark.parametrize("delta_type,path,upcast", BF16_CASES)
+def test_layer_bf16_matches_fp32_reference(delta_type, path, upcast, device, monkeypatch):
+    """A bf16 model's DeRS layer against the naive reference run in fp32 on the same (bf16-rounded) weights: output,
+    input gradient and every parameter gradient within ``conftest.BF16_REL_TOL`` of the reference's scale."""
+    cfg = ders_peft.DeRSConfig(
+        num_experts=4, top_k=2, delta_type=delta_type, rank=3, sparse_rate=0.5, router_aux_loss_coef=0.0
+    )
+    peft_model = get_peft_model(tiny_model("llama").to(torch.bfloat16), cfg, autocast_adapter_dtype=upcast)
+    randomize_adapter(peft_model, std=0.1)
+    peft_model.to(device)
+    layer = ders_layers(peft_model)[0]
+    ref = copy.deepcopy(layer).float()
+    answered, fast = [], []
+    real = decode.layer_forward
+    monkeypatch.setattr(decode, "layer_forward", lambda *a: answered.append(real(*a)) or answered[-1])
+    real_fast = functional.lowrank_routed_ffn
+    monkeypatch.setattr(functional, "lowrank_routed_ffn", lambda *a: fast.append(1) or real_fast(*a))
+    x32 = torch.randn(3, 5 if path == "decode" else 13, 32).to(device).bfloat16().float()
+    x = x32.bfloat16().requires_grad_(path == "train")
+    with torch.set_grad_enabled(path == "train"):
+        got = layer(x)
+        want = reference_layer_output(ref, x32.requires_grad_(path == "train"))
+    assert got.dtype == torch.bfloat16
+    assert (answered[0] is not None) == (path == "decode")
+    assert bool(fast) == (delta_type == "lowrank" and path == "train")  # fp32 or bf16 adapters: the fast path
+    errors = [assert_close_bf16(got, want)]
+    assert (want - ref.base_layer(x32)).abs().max() > 1e-2  # the deltas matter at this tolerance
+    if path == "train":
+        probe = torch.randn(got.shape).to(device)
+        params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+        ref_params = dict(ref.named_parameters())
+        g_got = torch.autograd.grad((got.float() * probe).sum(), [x, *(p for _, p in params)])
+        g_want = torch.autograd.grad((want * probe).sum(), [x32, *(ref_params[n] for n, _ in params)])
+        for name, a, b in zip(["x", *(n for n, _ in params)], g_got, g_want, strict=True):
+            errors.append(assert_close_bf16(a, b, name))
+    grads = max(errors[1:], default=0.0)
+    print(f"bf16 {delta_type}/{path}/upcast={upcast}: output {errors[0]:.4f}, gradients {grads:.4f}")  # -s shows it

@@ -17,21 +17,21 @@ def _outputs_and_grads(peft_model, x):
     params = [p for p in layer.parameters() if p.requires_grad]
     xx = x.clone().requires_grad_()
     y = layer(xx)
-    grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1])).sum(), [xx, *params])
+    grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum(), [xx, *params])
     return y.detach(), grads
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma"])  # gemma: GeGLU, a gated non-SiLU activation
 @pytest.mark.parametrize("shared,top_k,train_base", [(False, 2, True), (True, 1, False), (False, 3, True)])
-def test_fast_path_matches_generic_path(monkeypatch, family, shared, top_k, train_base):
+def test_fast_path_matches_generic_path(monkeypatch, family, shared, top_k, train_base, device):
     model = tiny_model(family)
     cfg = ders_peft.DeRSConfig(
         num_experts=4, top_k=top_k, rank=3, shared_expert=shared, train_base=train_base, delta_scale=0.7
     )
     peft_model = get_peft_model(model, cfg)
     randomize_adapter(peft_model, std=0.1)
-    peft_model.train()
-    x = torch.randn(3, 7, 32)
+    peft_model.to(device).train()
+    x = torch.randn(3, 7, 32).to(device)
     calls = []
     real = functional.lowrank_routed_ffn
     monkeypatch.setattr(functional, "lowrank_routed_ffn", lambda *a: calls.append(1) or real(*a))
@@ -91,17 +91,17 @@ def test_slot_core_gradcheck(monkeypatch, gated, num_in, act, num_slots):
 
 
 @pytest.mark.parametrize("backward_inside", [False, True])
-def test_fast_path_under_cpu_bf16_autocast(monkeypatch, backward_inside):
-    """TRL's SFTTrainer enables bf16 autocast on CPU: the fast path must run (and backpropagate, also inside the
-    autocast region) and agree with the generic path to bf16 precision."""
+def test_fast_path_under_bf16_autocast(monkeypatch, backward_inside, device):
+    """TRL's SFTTrainer enables bf16 autocast (on CPU too): the fast path must run (and backpropagate, also inside
+    the autocast region) and agree with the generic path to bf16 precision."""
     peft_model = get_peft_model(tiny_model("llama"), ders_peft.DeRSConfig(num_experts=4, top_k=2, rank=3))
     randomize_adapter(peft_model, std=0.1)
-    peft_model.train()
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    peft_model.to(device).train()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
 
     def loss_and_grads():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = peft_model(input_ids=ids, labels=ids).loss
             if backward_inside:
                 grads = torch.autograd.grad(loss, params)

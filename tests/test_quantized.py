@@ -243,7 +243,7 @@ def decoded_weights(layer) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "bits,group_size,delta_scale", [(1, None, 1.0), (2, 20, 1.0), (3, 20, 1.0), (5, None, 1.0), (8, 16, 2.0)]
 )
-def test_layer_matches_decoded_reference(bits, group_size, delta_scale, monkeypatch):
+def test_layer_matches_decoded_reference(bits, group_size, delta_scale, device, monkeypatch):
     """Training-sized call with gradients (the grouped path) and a 3-token call without: the output (and input
     gradient) of the naive MoE on independently decoded experts; the scales' gradients those of plain autograd through
     ``expert_delta``."""
@@ -251,12 +251,12 @@ def test_layer_matches_decoded_reference(bits, group_size, delta_scale, monkeypa
     monkeypatch.setattr(
         functional, "grouped_routed_ffn", lambda *a: calls.append(1) or grouped_path.grouped_routed_ffn(*a)
     )
-    layer = ders_layers(quantized_model(bits, group_size, delta_scale))[0]
+    layer = ders_layers(quantized_model(bits, group_size, delta_scale).to(device))[0]
     deltas = list(layer.ders_delta["default"].values())
     decoded = decoded_weights(layer)
     monkeypatch.setattr(layer, "expert_weights", lambda adapter: decoded)
 
-    x = torch.randn(3, 13, 32, requires_grad=True)
+    x = torch.randn(3, 13, 32).to(device).requires_grad_()
     got = layer(x)
     assert calls
     want = reference_layer_output(layer, x)
@@ -282,7 +282,7 @@ def test_layer_matches_decoded_reference(bits, group_size, delta_scale, monkeypa
         torch.testing.assert_close(a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-5)
 
     monkeypatch.setattr(layer, "expert_weights", lambda adapter: decoded)
-    small = torch.randn(1, 3, 32)
+    small = torch.randn(1, 3, 32).to(device)
     with torch.no_grad():
         torch.testing.assert_close(layer(small), reference_layer_output(layer, small), atol=1e-5, rtol=1e-5)
 

@@ -56,18 +56,18 @@ def test_load_balancing_loss_hand_value_with_mask():
     assert got.item() == pytest.approx(6.5 / 3, abs=1e-6)
 
 
-def _random_routing(batch: int, seq: int, num_experts: int, top_k: int, seed: int = 0):
+def _random_routing(batch: int, seq: int, num_experts: int, top_k: int, seed: int = 0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch * seq, num_experts, generator=gen) * 2.0
+    logits = (torch.randn(batch * seq, num_experts, generator=gen) * 2.0).to(device)
     logits.requires_grad_(True)
     plan, probs = route(logits, top_k, normalize=True)
     return logits, plan, probs
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_load_balancing_loss_matches_transformers_mixtral(top_k):
+def test_load_balancing_loss_matches_transformers_mixtral(top_k, device):
     batch, seq, num_experts = 3, 7, 5
-    logits, plan, probs = _random_routing(batch, seq, num_experts, top_k)
+    logits, plan, probs = _random_routing(batch, seq, num_experts, top_k, device=device)
     ours = load_balancing_loss(probs, plan.expert_idx, num_experts)
     theirs = load_balancing_loss_func((logits,), num_experts, top_k)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
@@ -78,10 +78,10 @@ def test_load_balancing_loss_matches_transformers_mixtral(top_k):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_load_balancing_loss_with_mask_matches_transformers_mixtral(top_k):
+def test_load_balancing_loss_with_mask_matches_transformers_mixtral(top_k, device):
     batch, seq, num_experts = 3, 7, 5
-    logits, plan, probs = _random_routing(batch, seq, num_experts, top_k, seed=3)
-    mask = torch.ones(batch, seq, dtype=torch.long)
+    logits, plan, probs = _random_routing(batch, seq, num_experts, top_k, seed=3, device=device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
     mask[0, 5:] = 0  # right padding
     mask[2, :3] = 0  # left padding
     ours = load_balancing_loss(probs, plan.expert_idx, num_experts, token_mask=mask.reshape(-1))
@@ -169,11 +169,11 @@ def _peft(family="llama", **cfg):
 
 
 @pytest.mark.parametrize("family", ["llama", "phi"])
-def test_model_router_grad_is_exactly_the_aux_gradient(family):
+def test_model_router_grad_is_exactly_the_aux_gradient(family, device):
     """With the LM loss isolated (multiplied by zero) the routers' gradient is coef * scale * d(aux), with padding
     excluded through the attention mask the tuner captures, and summed over layers along every path."""
-    model = _peft(family, router_z_loss_coef=0.05)
-    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = _peft(family, router_z_loss_coef=0.05).to(device)
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
     scale = 0.5
