@@ -15,6 +15,7 @@ from .model import DeRSModel
 from .registration import PEFT_TYPE_DERS, register
 from .report import ParameterReport, parameter_report
 from .trainer_callback import DeRSTrainerCallback, install_default_callback
+from .training import create_optimizer, init_routers_kmeans, param_groups
 
 register(DeRSConfig, DeRSModel)
 register_d2moe()
@@ -41,7 +42,10 @@ __all__ = [
     "compress",
     "compression_report",
     "convert_to_moe",
+    "create_optimizer",
     "decompress",
     "export_moe",
+    "init_routers_kmeans",
+    "param_groups",
     "parameter_report",
 ]

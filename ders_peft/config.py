@@ -14,6 +14,7 @@ from .registration import PEFT_TYPE_DERS
 DELTA_TYPES = ("lowrank", "sparse", "full", "quantized")
 UNIVERSAL_DELTA_TYPES = (None, "full")
 QUANT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+DELTA_INITS = ("zero", "small")
 
 
 def _bad(field_name: str, value: object, allowed: str) -> ValueError:
@@ -110,6 +111,11 @@ class DeRSConfig(PeftConfig):
         router_init_std: standard deviation of the router's normal initialisation.
         delta_scale: multiplier on every delta's output. Under Adam it acts as a learning-rate multiplier for the
             deltas (as LoRA's alpha / r does); 1.0 is the paper's parametrisation.
+        delta_init: ``"zero"`` (the paper: low-rank B and sparse values start at zero, so the fresh MoE computes the
+            dense model) or ``"small"`` (they start as seeded normal draws of std ``delta_init_std``, so the experts
+            differ from step one). Only for ``delta_type`` ``"lowrank"`` and ``"sparse"``.
+        delta_init_std: standard deviation of the ``"small"`` initialisation of B / the sparse values (0.01: with
+            A uniform in +-1/sqrt(in), low-rank delta entries get std 0.01 sqrt(r / (3 in)), 1e-3 at r=4, in=128).
         layers_to_transform: indices of the blocks to upcycle (e.g. ``list(range(0, n, 2))``, every other block as
             MoE-LLaVA does); ``None`` for all. Needs ``target_modules`` as a list of names (not a regex).
         layers_pattern: name of the ModuleList holding the blocks (``"layers"``, GPT-2's ``"h"``), used with
@@ -151,6 +157,10 @@ class DeRSConfig(PeftConfig):
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "Router z-loss weight."})
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the router initialisation."})
     delta_scale: float = field(default=1.0, metadata={"help": "Multiplier on the deltas' output."})
+    delta_init: Literal["zero", "small"] = field(
+        default="zero", metadata={"help": "Init of low-rank B / sparse values."}
+    )
+    delta_init_std: float = field(default=1e-2, metadata={"help": "Std of delta_init='small'."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Blocks to upcycle."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the block list."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained fully and saved."})
@@ -200,7 +210,15 @@ class DeRSConfig(PeftConfig):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < math.inf:
                 raise _bad(name, value, "must be a finite number >= 0 (0 disables the loss)")
-        for name in ("router_init_std", "delta_scale"):
+        if self.delta_init not in DELTA_INITS:
+            raise _bad("delta_init", self.delta_init, f"allowed values are {DELTA_INITS}")
+        if self.delta_init != "zero" and self.delta_type not in ("lowrank", "sparse"):
+            raise _bad(
+                "delta_init",
+                self.delta_init,
+                f"only applies to delta_type 'lowrank' or 'sparse', not {self.delta_type!r} (leave it 'zero')",
+            )
+        for name in ("router_init_std", "delta_scale", "delta_init_std"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 < value < math.inf:
                 raise _bad(name, value, "must be a finite number > 0")

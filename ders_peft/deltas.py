@@ -101,13 +101,37 @@ class Delta(nn.Module):
         return 0
 
 
+def _init_values(param: torch.Tensor, init: str, init_std: float, generator) -> None:
+    """Fill the zero-created trainable values in place: ``"zero"`` leaves them (no random draw), ``"small"`` draws
+    normal values of std ``init_std`` from ``generator`` (after the kind's other draws)."""
+    if init not in ("zero", "small"):
+        raise ValueError(f"delta init={init!r} is invalid: allowed values are 'zero' and 'small'")
+    if init == "zero" or param.device.type == "meta":
+        return
+    values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * init_std
+    with torch.no_grad():
+        param.copy_(values)
+
+
 class LowRankDelta(Delta):
-    """``Delta_e = B_e A_e`` (DeRS-LM): A random, B zero. All experts' factors are stacked so one matmul with
-    ``A_all`` serves every expert and a block mask selects each slot's expert before one matmul with ``B_all``."""
+    """``Delta_e = B_e A_e`` (DeRS-LM): A random, B zero (``init="small"``: normal of std ``init_std``). All experts'
+    factors are stacked so one matmul with ``A_all`` serves every expert and a block mask selects each slot's expert
+    before one matmul with ``B_all``."""
 
     kind = "lowrank"
 
-    def __init__(self, num_experts, out_features, in_features, rank: int, scale: float = 1.0, generator=None, **fk):
+    def __init__(
+        self,
+        num_experts,
+        out_features,
+        in_features,
+        rank: int,
+        scale: float = 1.0,
+        generator=None,
+        init: str = "zero",
+        init_std: float = 0.0,
+        **fk,
+    ):
         super().__init__(num_experts, out_features, in_features, scale)
         self.rank = rank
         self.lora_a = _Factor(torch.empty(num_experts * rank, in_features, **fk))
@@ -117,6 +141,7 @@ class LowRankDelta(Delta):
             a = torch.rand(self.lora_a.weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
             with torch.no_grad():
                 self.lora_a.weight.copy_(a)
+        _init_values(self.lora_b.weight, init, init_std, generator)
 
     def _apply_slots(self, x: torch.Tensor, plan: RoutingPlan, weighted: bool) -> torch.Tensor:
         E, r = self.num_experts, self.rank
@@ -142,7 +167,7 @@ class LowRankDelta(Delta):
 
 class SparseDelta(Delta):
     """``Delta_e = scatter(I_e, V_e)`` (DeRS-SM): per expert, fixed unique random flat indices (int32 buffer, saved
-    with the adapter) and trainable values (zero at creation).
+    with the adapter) and trainable values (zero at creation; ``init="small"``: normal of std ``init_std``).
 
     ``forward`` (the interface, used by tests and as the generic reference) gathers the input columns each expert's
     delta reads and adds into the rows it writes; the routed layer runs :mod:`ders_peft.grouped_path` instead (CSR
@@ -152,7 +177,16 @@ class SparseDelta(Delta):
     kind = "sparse"
 
     def __init__(
-        self, num_experts, out_features, in_features, sparse_rate: float, scale: float = 1.0, generator=None, **fk
+        self,
+        num_experts,
+        out_features,
+        in_features,
+        sparse_rate: float,
+        scale: float = 1.0,
+        generator=None,
+        init: str = "zero",
+        init_std: float = 0.0,
+        **fk,
     ):
         super().__init__(num_experts, out_features, in_features, scale)
         numel = out_features * in_features
@@ -165,6 +199,7 @@ class SparseDelta(Delta):
                 pick = torch.randperm(numel, generator=generator)[: self.nnz]
                 idx[e] = pick.sort().values.to(torch.int32)
         self.register_buffer("indices", idx)
+        _init_values(self.weight, init, init_std, generator)
 
     @property
     def density(self) -> float:

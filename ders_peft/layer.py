@@ -162,17 +162,17 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
             return UniversalFullDelta(routed, **factory)
         cls = DELTA_CLASSES[config.delta_type]
         num = config.num_deltas
+        init = {"init": config.delta_init, "init_std": config.delta_init_std}
         if config.delta_type == "lowrank":
             if config.rank > min(out_f, in_f):
                 raise ValueError(
                     f"DeRSConfig.rank={config.rank} is invalid: it must be at most {min(out_f, in_f)}, "
                     f"the smaller side of the {out_f}x{in_f} matrix {name!r}."
                 )
-            return cls(num, out_f, in_f, rank=config.rank, scale=config.delta_scale, generator=gen, **factory)
+            return cls(num, out_f, in_f, rank=config.rank, scale=config.delta_scale, generator=gen, **init, **factory)
         if config.delta_type == "sparse":
-            return cls(
-                num, out_f, in_f, sparse_rate=config.sparse_rate, scale=config.delta_scale, generator=gen, **factory
-            )
+            sparse_rate = config.sparse_rate
+            return cls(num, out_f, in_f, sparse_rate, scale=config.delta_scale, generator=gen, **init, **factory)
         if config.delta_type == "quantized":
             if config.group_size is not None and config.group_size > in_f:
                 raise ValueError(

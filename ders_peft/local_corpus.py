@@ -356,11 +356,14 @@ def pretrain(
     log_every: int = 0,
     weight_decay: float = 0.1,
     warmup_steps: int | None = None,
+    param_groups: list[dict] | None = None,
 ) -> list[float]:
     """Causal-LM training with AdamW, linear warmup + cosine decay and grad clipping; returns the loss per step.
 
     Batches are drawn from ``blocks`` (``(n, seq_len)`` token ids) in seeded shuffled epochs. ``log_every > 0``
-    prints progress every that many steps. The model is left in eval mode.
+    prints progress every that many steps. ``param_groups`` (each with its own ``lr`` and ``weight_decay``, e.g. from
+    ``ders_peft.training.param_groups``) replace the default decay / no-decay split; the schedule scales every
+    group's learning rate by the same factor. The model is left in eval mode.
     """
     if len(blocks) == 0:
         raise ValueError("no training blocks")
@@ -369,11 +372,8 @@ def pretrain(
     warmup = max(1, steps // 10) if warmup_steps is None else max(1, warmup_steps)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups if param_groups is None else param_groups, lr=lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
     model.train()
     order = torch.randperm(len(blocks), generator=generator)
@@ -395,7 +395,9 @@ def pretrain(
         losses.append(loss.item())
         if log_every > 0 and ((step + 1) % log_every == 0 or step + 1 == steps):
             elapsed = time.perf_counter() - start
-            print(f"[pretrain] step {step + 1}/{steps} loss {losses[-1]:.4f} ({elapsed:.1f}s)", flush=True)
+            left = elapsed / (step + 1) * (steps - step - 1)
+            msg = f"[pretrain] step {step + 1}/{steps} loss {losses[-1]:.4f} ({elapsed:.1f}s, ~{left:.0f}s left)"
+            print(msg, flush=True)
     model.eval()
     return losses
 

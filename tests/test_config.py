@@ -202,6 +202,8 @@ NON_DEFAULT = {
     "router_z_loss_coef": 0.001,
     "router_init_std": 0.1,
     "delta_scale": 2.5,
+    "delta_init": "small",
+    "delta_init_std": 0.05,
     "layers_to_transform": [0, 2],
     "layers_pattern": "layers",
     "modules_to_save": ["lm_head"],
