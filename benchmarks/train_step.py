@@ -476,7 +476,51 @@ def tables(results: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def _place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 7) -> None:
+    """Annotate each ``(x, y, label)`` at the first nearby offset whose text overlaps no other label, no marker and
+    stays inside the axes (a leader line marks the farther offsets). Call after the layout is final."""
+    near = [(4, 3, "left"), (-4, 3, "right"), (4, -11, "left"), (-4, -11, "right")]
+    near += [(0, 7, "center"), (0, -15, "center")]
+    far = [(dx * s, dy * s, ha) for s in (3, 5) for dx, dy, ha in near[:4]]
+    far += [(0, 7 * s, "center") for s in (3, 5)]
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    to_px = ax.transData.transform
+    markers = [to_px((x, y)) for x, y, _ in points]
+    pad = 4 * fig.dpi / 72
+    placed: list = []
+    for i, (x, y, label) in enumerate(points):
+        for j, (dx, dy, ha) in enumerate(near + far):
+            arrow = {"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if j >= len(near) else None
+            text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, fontsize=fontsize,
+                               arrowprops=arrow)
+            box = text.get_window_extent(renderer)
+            hits_marker = any(
+                k != i and box.x0 - pad < mx < box.x1 + pad and box.y0 - pad < my < box.y1 + pad
+                for k, (mx, my) in enumerate(markers)
+            )
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not hits_marker and not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            text.remove()
+        else:  # no free spot: the first one, flagged so that a reader can see it
+            text = ax.annotate(label, (x, y), xytext=near[0][:2], textcoords="offset points", fontsize=fontsize)
+            placed.append(text.get_window_extent(renderer))
+
+
+def label_overlaps(ax) -> list[tuple[str, str]]:
+    """Pairs of annotation texts of ``ax`` whose drawn boxes overlap (the plot test's check)."""
+    renderer = ax.figure.canvas.get_renderer()
+    texts = [t for t in ax.texts if t.get_visible()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1 :] if ba.overlaps(bb)]
+
+
+def plot(results: dict, path: Path) -> list[tuple[str, str]]:
+    """Median step time vs added parameters of the main arms; returns any overlapping label pairs (none expected)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -485,13 +529,15 @@ def plot(results: dict, path: Path) -> None:
     info = results["step"]["main"]
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {"dense": "black", "lora": "tab:gray", "ders": "tab:blue", "mixtral": "tab:red"}
+    points = []
     for name, d in info.items():
         kind = d["arm"]["kind"]
         color = "tab:orange" if d["arm"]["delta_type"] == "full" and kind == "ders" else colors[kind]
         x = max(d["added_params"], 1)
-        ax.scatter(x, d["median_s"], color=color)
-        ax.annotate(name, (x, d["median_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.scatter(x, d["median_s"], color=color, zorder=3)
+        points.append((x, d["median_s"], name))
     ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.12)
     ax.set_xlabel("added parameters (log; dense full FT plotted at 1)")
     ax.set_ylabel("median training step (s)")
     shape = results["shape"]
@@ -502,8 +548,13 @@ def plot(results: dict, path: Path) -> None:
     )
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _place_labels(ax, sorted(points, key=lambda p: -p[1]))
+    overlaps = label_overlaps(ax)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    tmp.replace(path)  # never a half-written PNG in docs/
+    return overlaps
 
 
 def all_arms(groups: dict[str, list[Arm]]) -> dict[str, Arm]:
