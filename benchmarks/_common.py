@@ -194,3 +194,37 @@ class ArmProcess:
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
         return json.loads(self.expect())
+
+
+def git_commit() -> dict:
+    """The repository's HEAD (short hash) and whether ``ders_peft/`` or ``benchmarks/`` has uncommitted changes at the
+    time of the run (the commit alone would then not say what ran); ``"unknown"`` outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        except OSError:
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    head = git("rev-parse", "--short=12", "HEAD")
+    dirty = git("status", "--porcelain", "--", "ders_peft", "benchmarks")
+    return {"commit": head or "unknown", "dirty": bool(dirty)}
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that produced a result, as recorded in its JSON: ``python benchmarks/<script> <arguments>``."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{script}", *args])
+
+
+def provenance_line(result: dict) -> str:
+    """One markdown line naming a result's command, date, commit and load average (for the generated pages)."""
+    m, c = result["machine"], result["commit"]
+    commit = f"`{c['commit']}`" + (" plus uncommitted changes" if c["dirty"] else "")
+    return (
+        f"Command: `{result['command']}`; date {m['date']}; commit {commit}; {m['cpu_count']} CPU cores "
+        f"({m['processor']}), torch {m['torch']}, load average {m['loadavg_1_5_15'][0]:g} / "
+        f"{m['loadavg_1_5_15'][1]:g} / {m['loadavg_1_5_15'][2]:g} (1 / 5 / 15 min) at the start."
+    )

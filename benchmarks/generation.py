@@ -7,8 +7,11 @@ rounds (one process generates at a time) so that a change of machine load hits t
 tokens/s per arm. The exported arm never imports ``ders_peft``. The DeRS arms must generate the same tokens as the
 exported model.
 
-    python benchmarks/generation.py            # full run, writes docs/benchmarks_generation.md
-    python benchmarks/generation.py --quick    # small model, < 1 min, for CI (writes nothing unless --out is given)
+    python benchmarks/generation.py            # full run, writes docs/benchmarks_generation.{json,md}
+    python benchmarks/generation.py --quick    # small model, < 1 min, for CI (writes into a temporary folder)
+
+The JSON holds the command, date, commit, load average (start and end) and every arm's numbers; the markdown page,
+its prose included, is generated from them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 ARMS = ("dense", "ders", "ders_merged", "exported")
 REPO = Path(__file__).resolve().parents[1]
@@ -296,10 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--sizes", default=None, help="comma-separated hidden sizes of FULL to run (default: all)")
+    parser.add_argument("--runs", type=int, default=None, help="timed rounds per arm (default: 5; --quick: 1)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="folder for benchmarks_generation.{json,md} (default: docs/ for a full run, a new temporary folder for "
+        "--quick)",
+    )
     parser.add_argument(
         "--out",
         default=None,
-        help="markdown results file (default: docs/benchmarks_generation.md for a full run, none for --quick)",
+        help="markdown results file (the JSON goes next to it, same name, .json); overrides --out-dir",
     )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -316,46 +330,180 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [size for size in FULL if size["hidden"] in wanted]
         if not sizes:
             parser.error(f"--sizes={args.sizes!r}: allowed hidden sizes are {[size['hidden'] for size in FULL]}")
+    if args.runs is not None:
+        if args.runs < 1:
+            parser.error(f"--runs must be a positive integer, got {args.runs}")
+        sizes = [{**size, "runs": args.runs} for size in sizes]
     delta_types = ["lowrank"] if args.quick else args.delta_types.split(",")
     bad = [d for d in delta_types if d not in ("lowrank", "sparse", "full")]
     if bad:
         parser.error(f"--delta-types={args.delta_types!r}: allowed values are lowrank, sparse, full")
-    sections, failed = [], []
+    if args.out:
+        md_path = Path(args.out)
+    else:
+        md_path = _common.output_dir(args.out_dir, args.quick) / "benchmarks_generation.md"
+    result = {
+        "command": _common.command_line("generation.py", argv),
+        "machine": _common.machine_note(),
+        "commit": _common.git_commit(),
+        "settings": {"threads_per_arm": args.threads, "quick": args.quick, "arms": list(ARMS)},
+        "sections": [],
+    }
+    started = time.perf_counter()
+    failed = []
     for delta_type in delta_types:
         ders = {"num_experts": args.num_experts, "top_k": args.top_k, "delta_type": delta_type}
         ders.update({"rank": args.rank} if delta_type == "lowrank" else {})
         ders.update({"sparse_rate": 0.999} if delta_type == "sparse" else {})
         for size in sizes:
             results, table = bench_one(dict(size), ders, args.threads, args.quick)
-            ratio = results["ders"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
+            section = _section(size, ders, results)
             print(table)
-            print(f"factorised DeRS / dense tokens/s: {ratio:.2f} (goal >= 0.85)")
-            sections.append((size, ders, table, ratio))
+            print(f"factorised DeRS / dense tokens/s: {section['x_dense']['ders']:.2f} (goal >= {GOAL})")
+            result["sections"].append(section)
             failed += [
                 f"{a} ({delta_type}, hidden {size['hidden']})"
-                for a in ("ders", "ders_merged")
-                if results[a]["generated"] != results["exported"]["generated"]
+                for a, same in section["same_tokens_as_export"].items()
+                if not same
             ]
-    out = args.out or (None if args.quick else str(REPO / "docs" / "benchmarks_generation.md"))
-    if out:
-        Path(out).write_text(_report(sections, args.threads), encoding="utf-8")
-        print(f"wrote {out}")
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    try:
+        result["loadavg_1_5_15_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        result["loadavg_1_5_15_end"] = None
+    _common.write_json(md_path.with_suffix(".json"), result)
+    md_path.write_text(_report(result), encoding="utf-8")
+    print(f"wrote {md_path} and {md_path.with_suffix('.json')}")
     if failed:
         print(f"ERROR: {failed} generated different tokens than the exported model", file=sys.stderr)
         return 1
     return 0
 
 
-def _report(sections: list, threads: int) -> str:
+GOAL = 0.85  # factorised DeRS tokens/s over the dense model's
+NAMES = {
+    "dense": "dense Llama",
+    "ders": "DeRS, factorised",
+    "ders_merged": "DeRS, merge_adapter()",
+    "exported": "exported standard MoE",
+}
+
+
+def _section(size: dict, ders: dict, results: dict) -> dict:
+    """One (delta type, model size) result: every arm's summary, tokens/s relative to dense, token agreement."""
+    dense = results["dense"]["tokens_per_s"]
+    for r in results.values():
+        times = r["times_s"]
+        r["spread"] = (max(times) - min(times)) / statistics.median(times)  # (max - min) / median of the rounds
+    return {
+        "delta_type": ders["delta_type"],
+        "model": dict(size),
+        "ders": dict(ders),
+        "arms": results,
+        "x_dense": {arm: results[arm]["tokens_per_s"] / dense for arm in ARMS},
+        "same_tokens_as_export": {
+            arm: results[arm]["generated"] == results["exported"]["generated"] for arm in ("ders", "ders_merged")
+        },
+    }
+
+
+def _range(values: list[float], fmt: str = "{:.2f}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
+def _findings(sections: list[dict], quick: bool) -> list[str]:
+    """The page's reading of the numbers, each sentence computed from them (nothing is asserted that they do not
+    show)."""
+    lines = []
+    ratios = [s["x_dense"]["ders"] for s in sections]
+    met = [s for s in sections if s["x_dense"]["ders"] >= GOAL]
+    spread = max(r["spread"] for s in sections for r in s["arms"].values())
+    rounds = min(len(r["times_s"]) for s in sections for r in s["arms"].values())
+    noise = (
+        "One timed round per arm: the timing noise is not measured."
+        if rounds < 2
+        else f"The timed rounds of one arm differ by up to {spread:.0%} of their median (max - min), so ratios that "
+        "differ by a few hundredths are not distinguishable here."
+    )
+    lines.append(
+        f"- Goal (factorised DeRS >= {GOAL}x the dense model's tokens/s): met in {len(met)} of {len(sections)} "
+        f"sections (factorised DeRS at {_range(ratios)}x dense"
+        + (f"; lowest margin {min(ratios) - GOAL:+.2f}" if met else "")
+        + f"). {noise}"
+    )
+    by_type: dict[str, list[dict]] = {}
+    for s in sections:
+        by_type.setdefault(s["delta_type"], []).append(s)
+    for delta_type, group in by_type.items():
+        if len(group) < 2:
+            continue
+        group = sorted(group, key=lambda s: s["model"]["hidden"])
+        steps = ", ".join(f"{s['x_dense']['ders']:.2f}x at hidden {s['model']['hidden']}" for s in group)
+        change = group[-1]["x_dense"]["ders"] - group[0]["x_dense"]["ders"]
+        if abs(change) < 0.02:
+            trend = "about the same at every size (change below 0.02)"
+        elif change > 0:
+            trend = (
+                f"closer to dense for the larger model ({change:+.2f}), as a fixed cost per layer (the router, the "
+                "block-masked low-rank products or the sparse gather/scatter of `ders_peft/decode.py`) would be"
+            )
+        else:
+            trend = f"further from dense for the larger model ({change:+.2f})"
+        lines.append(f"- {delta_type} deltas, factorised DeRS over dense by size: {steps}: {trend}.")
+    whole = [s for s in sections if s["ders"]["delta_type"] != "full"]
+    if whole:
+        slower = [
+            s
+            for s in whole
+            if max(s["arms"]["ders_merged"]["tokens_per_s"], s["arms"]["exported"]["tokens_per_s"])
+            < s["arms"]["ders"]["tokens_per_s"]
+        ]
+        merged = [s["x_dense"][a] for s in whole for a in ("ders_merged", "exported")]
+        lines.append(
+            f"- `merge_adapter()` and the exported MoE run top_k whole experts per token ({_range(merged)}x dense): "
+            f"slower than factorised DeRS in {len(slower)} of {len(whole)} sections with low-rank or sparse deltas. "
+            "The export exists for serving engines that only know standard architectures, not to be faster in "
+            "transformers."
+        )
+    if quick:
+        lines.append("- Memory: not measured (`--quick` runs every arm in one process).")
+    else:
+        extra = [s["arms"]["ders"]["peak_rss_mib"] - s["arms"]["dense"]["peak_rss_mib"] for s in sections]
+        merged_extra = [s["arms"]["ders_merged"]["peak_rss_mib"] - s["arms"]["ders"]["peak_rss_mib"] for s in sections]
+        export_extra = [s["arms"]["exported"]["peak_rss_mib"] - s["arms"]["dense"]["peak_rss_mib"] for s in sections]
+        lines.append(
+            f"- Memory (peak RSS): factorised DeRS {_range(extra, '{:+.0f}')} MiB over dense (it keeps the trainable "
+            "base copy next to the frozen dense FFN, so that `disable_adapter()` gives the dense model exactly); "
+            f"`merge_adapter()` {_range(merged_extra, '{:+.0f}')} MiB over factorised (every expert's full weights); "
+            f"the export {_range(export_extra, '{:+.0f}')} MiB over dense (N full experts per block)."
+        )
+    bad = [s for s in sections if not all(s["same_tokens_as_export"].values())]
+    lines.append(
+        "- Tokens: the DeRS arms (factorised and merged) generate exactly the exported checkpoint's tokens in "
+        + ("every section." if not bad else f"{len(sections) - len(bad)} of {len(sections)} sections (see NO above).")
+    )
+    return lines
+
+
+def _report(result: dict) -> str:
     import torch
     import transformers
 
-    first = sections[0][0]
+    sections = result["sections"]
+    first = sections[0]["model"]
+    threads = result["settings"]["threads_per_arm"]
+    end = result.get("loadavg_1_5_15_end")
     lines = [
         "# Generation benchmark: dense vs DeRS vs merged vs exported MoE",
         "",
-        "Produced by `python benchmarks/generation.py` (`--quick` for the CI-sized smoke run). Each arm runs in its "
-        "own subprocess, loads its model from disk and generates greedily (batch 1, KV cache) "
+        "Generated by `python benchmarks/generation.py` (`--quick` for the CI-sized smoke run) with its numbers in "
+        "[benchmarks_generation.json](benchmarks_generation.json). "
+        + _common.provenance_line(result)
+        + (f" Load average at the end: {end[0]:g} / {end[1]:g} / {end[2]:g}." if end else "")
+        + f" Wall time {result['wall_seconds']:.0f} s.",
+        "",
+        "Each arm runs in its own subprocess, loads its model from disk and generates greedily (batch 1, KV cache) "
         f"{first['new_tokens']} new tokens after a {first['prompt']}-token prompt; the arms are timed in "
         f"{first['runs']} interleaved rounds after a warm-up (one process generates at a time, so a change of machine "
         "load hits every arm alike) and tokens/s is the median per arm. Peak memory is the process's peak resident "
@@ -368,34 +516,25 @@ def _report(sections: list, threads: int) -> str:
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch "
         f"{torch.__version__} ({threads} thread per arm), transformers {transformers.__version__}",
         "",
+        "## Findings",
+        "",
+        *_findings(sections, result["settings"]["quick"]),
+        "",
     ]
-    for size, ders, table, ratio in sections:
+    for s in sections:
+        ders, size, ratio = s["ders"], s["model"], s["x_dense"]["ders"]
         settings = ", ".join(f"{k}={v}" for k, v in ders.items())
+        verdict = "met" if ratio >= GOAL else "not met"
         lines += [
             f"## {ders['delta_type']} deltas; {_model_line(size)}",
             "",
             f"DeRS settings: {settings}.",
             "",
-            table,
+            _table(s["arms"], size, ders, threads),
             "",
-            f"Factorised DeRS runs at **{ratio:.2f}x** the dense model's tokens/s (goal: >= 0.85x).",
+            f"Factorised DeRS runs at **{ratio:.2f}x** the dense model's tokens/s (goal >= {GOAL}x: {verdict}).",
             "",
         ]
-    lines += [
-        "## How to read it",
-        "",
-        "- Factorised DeRS reads the shared base weights once per token plus small per-expert deltas, so at batch 1 "
-        "its memory traffic is about the dense model's; the gap is the routed layer's extra small operations (router, "
-        "block-masked low-rank products or sparse gather/scatter: `ders_peft/decode.py`), a fixed cost per layer that "
-        "weighs less as the model grows (compare the two sizes).",
-        "- `merge_adapter()` and the exported MoE run top_k whole experts per token, i.e. top_k times the FFN "
-        "weight bytes, which at batch 1 on a CPU is slower than the factorised form of low-rank or sparse deltas. The "
-        "export exists for serving engines that only know standard architectures, not to be faster in transformers.",
-        "- Memory: the factorised model keeps the trainable base copy next to the frozen dense FFN (kept so that "
-        "`disable_adapter()` gives the dense model exactly); merging adds every expert's full weights; the export "
-        "holds N full experts per block.",
-        "",
-    ]
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
-"""Quick runs of the training-step and parameter-efficiency benchmarks: they complete, every number in the result
-file is finite, and the arms they name are there."""
+"""Quick runs of the training-step, parameter-efficiency and generation benchmarks: they complete, every number in
+the result file is finite, and the arms they name are there."""
 
 from __future__ import annotations
 
@@ -46,11 +46,34 @@ def check_params(data):
             assert all(a["added_params"] > 0 and a["trainable_params"] > 0 for a in arms.values())
 
 
+def check_generation(data):
+    assert data["commit"]["commit"] and data["machine"]["date"] and len(data["machine"]["loadavg_1_5_15"]) == 3
+    assert data["sections"]
+    for section in data["sections"]:
+        assert set(section["arms"]) == {"dense", "ders", "ders_merged", "exported"}
+        for name, arm in section["arms"].items():
+            assert arm["tokens_per_s"] > 0 and arm["times_s"] and arm["new_tokens"] == section["model"]["new_tokens"]
+            assert section["x_dense"][name] == pytest.approx(
+                arm["tokens_per_s"] / section["arms"]["dense"]["tokens_per_s"]
+            )
+        assert section["same_tokens_as_export"] == {"ders": True, "ders_merged": True}
+
+
+def check_generation_page(data, page):
+    """The page's numbers and verdicts are the JSON's (the prose is generated from the result, not fixed)."""
+    ratio = data["sections"][0]["x_dense"]["ders"]
+    assert f"**{ratio:.2f}x**" in page and data["command"] in page
+    verdict = "met" if ratio >= 0.85 else "not met"
+    assert f"(goal >= 0.85x: {verdict})" in page
+    assert f"met in {int(ratio >= 0.85)} of 1 sections" in page
+
+
 @pytest.mark.parametrize(
     "script,result,check",
     [
         ("train_step.py", "benchmarks_train_step.json", check_train_step),
         ("param_efficiency.py", "benchmarks_params.json", check_params),
+        ("generation.py", "benchmarks_generation.json", check_generation),
     ],
 )
 def test_benchmark_quick_mode_writes_results(tmp_path, script, result, check):
@@ -67,6 +90,8 @@ def test_benchmark_quick_mode_writes_results(tmp_path, script, result, check):
     found = list(numbers(data))
     assert found and all(math.isfinite(v) for _, v in found), [p for p, v in found if not math.isfinite(v)]
     check(data)
+    if script == "generation.py":
+        check_generation_page(data, (tmp_path / "benchmarks_generation.md").read_text())
 
 
 def test_quick_runs_never_write_into_docs(monkeypatch):
