@@ -482,7 +482,7 @@ class _Tokenizer:
 STEPS = {
     "model weights": lambda mp: _fail_on(mp, transformers.PreTrainedModel, "save_pretrained"),
     "tokenizer": lambda mp: mp.setattr(_Tokenizer, "fail", True),
-    "model card": lambda mp: _fail_on(mp, ders_peft.export, "model_card"),
+    "model card": lambda mp: _fail_on(mp, ders_peft.export.writing, "model_card"),
     "manifest": _fail_manifest,
     "carrying user files": lambda mp: _fail_on(mp, atomic, "_carry"),
     "flush to disk": lambda mp: _fail_on(mp, atomic, "_fsync_tree"),

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import ffn
+from ..export.targets import SHARED_GATE_ZERO
 from ..layer import DeRSLayer
 
 NO_DENSE_MESSAGE = (
@@ -250,7 +251,8 @@ def _read_moe_block(name: str, info, dense_block: nn.Module, model_type: str) ->
         if all(not w.count_nonzero() for w in uni.values()):
             return block  # a zero shared expert (our export of a model without a universal FFN) adds exactly 0
         _check_shapes(name, uni, dense_block, "shared expert", stacked=False)
-        if gate_w.count_nonzero():
+        # a learned gate, unless every weight is 0 or the export's 1e-20 (in any dtype's rounding): sigmoid = 0.5
+        if float(gate_w.abs().max()) > 2 * SHARED_GATE_ZERO:
             block.shared_gate = gate_w.clone()
             block.universal = uni
         else:
