@@ -74,9 +74,11 @@ many elements (2 MiB in fp32), so the elementwise work stays in cache; tunable (
 STACKED_MAX_COLUMNS = 64
 """Low-rank deltas whose stacked factors have at most this many columns (experts x rank) take the stacked-and-masked
 path, whose per-slot work grows with experts x rank; wider ones the path grouped by expert (``grouped_path``), whose
-work grows with top_k only. Measured (one FFN layer fwd+bwd, hidden 512, intermediate 1408, 2048 tokens, top-2, one
-thread; stacked / grouped, relative to the dense layer): E*r = 16: 1.23 / 1.44; 64 (E=16, r=4): 1.47 / 1.42 and
-(E=4, r=16): 1.57 / 1.59; 128: 1.84 / 1.49; 256 (E=16, r=16): 2.50 / 1.44."""
+work grows with top_k only. Measured by ``benchmarks/thresholds.py`` (docs/benchmarks_thresholds.md, 2026-12-03, one
+FFN layer fwd+bwd, hidden 512, intermediate 1408, 2048 tokens, top-2, one thread; stacked / grouped, relative to the
+dense layer): E*r = 16: 1.38 / 2.03; 32: 1.45 / 1.99; 64 (E=16, r=4): 1.62 / 2.01 and (E=4, r=16): 1.62 / 1.99;
+128: 1.92 / 1.95 (a tie); 256 (E=16, r=16): 2.56 / 2.07. The measured crossover lies between 128 and 256 columns,
+above this constant."""
 
 
 def _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias) -> bool:

@@ -26,8 +26,10 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 
 GATHER_DENSITY = 0.002
 """Up to this density a delta's products gather the input columns it reads and add into the rows it writes; denser
-deltas use sparse CSR matrix products (measured on 1024 x 512 x 1408, one thread: at 0.1% gather 3.2 ms vs CSR
-3.9 ms, at 1% gather 55 ms vs CSR 4.4 ms, at 10% CSR 19 ms vs a dense matmul 45 ms)."""
+deltas use sparse CSR matrix products. Measured by ``benchmarks/thresholds.py`` (docs/benchmarks_thresholds.md,
+2026-12-03: one expert's forward, input-gradient and value-gradient products, 1024 rows, 512 -> 1408, one thread;
+gather / CSR): 0.1%: 10.9 / 31.6 ms; 0.2%: 19.0 / 26.2 ms; 0.4%: 31.3 / 29.1 ms; 1%: 137 / 37 ms; 10%: 1637 / 59 ms
+(the dense matrix's three products: 41 ms). The crossover lies between 0.2% and 0.4%."""
 
 
 @dataclass(frozen=True)

@@ -68,12 +68,47 @@ def check_generation_page(data, page):
     assert f"met in {int(ratio >= 0.85)} of 1 sections" in page
 
 
+def check_thresholds(data):
+    assert data["commit"]["commit"] and data["machine"]["date"] and len(data["machine"]["loadavg_1_5_15"]) == 3
+    lowrank, sparse = data["lowrank"]["rows"], data["sparse"]["rows"]
+    assert [(r["experts"], r["rank"]) for r in lowrank] == [tuple(c) for c in data["settings"]["lowrank"]]
+    assert [r["density"] for r in sparse] == data["settings"]["densities"]
+    for row in lowrank:
+        assert set(row["times_s"]) == {"dense", "stacked", "grouped"} and row["max_abs_diff"] < 1e-3
+        assert row["faster"] == min(("stacked", "grouped"), key=lambda arm: row["median_s"][arm])
+        won = sum(s < g for s, g in zip(row["times_s"]["stacked"], row["times_s"]["grouped"], strict=True))
+        assert row["stacked_won_rounds"] == won and len(row["times_s"]["stacked"]) == data["settings"]["reps"]
+    for row in sparse:
+        assert set(row["times_s"]) == {"gather", "csr", "dense"} and row["max_abs_diff"] < 1e-3
+        assert row["faster"] == min(("gather", "csr"), key=lambda arm: row["median_s"][arm])
+        won = sum(g < c for g, c in zip(row["times_s"]["gather"], row["times_s"]["csr"], strict=True))
+        assert row["gather_won_rounds"] == won and len(row["times_s"]["gather"]) == data["settings"]["reps"]
+    from ders_peft import functional, grouped_path
+
+    expected = {"STACKED_MAX_COLUMNS": functional.STACKED_MAX_COLUMNS, "GATHER_DENSITY": grouped_path.GATHER_DENSITY}
+    assert data["constants"] == expected
+
+
+def test_crossover_brackets(monkeypatch):
+    """The crossover read from the rows: the last point the small-side arm wins before the first the other wins."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import thresholds
+
+    rows = [{"x": x, "faster": f} for x, f in [(4, "b"), (1, "a"), (2, "a"), (8, "b")]]
+    assert thresholds._crossover(rows, "x", "a", "b") == {"a_wins_up_to": 2, "b_wins_from": 4, "consistent": True}
+    rows = [{"x": x, "faster": f} for x, f in [(1, "a"), (2, "b"), (4, "a")]]
+    assert thresholds._crossover(rows, "x", "a", "b") == {"a_wins_up_to": 1, "b_wins_from": 2, "consistent": False}
+    rows = [{"x": 1, "faster": "b"}, {"x": 2, "faster": "b"}]
+    assert thresholds._crossover(rows, "x", "a", "b") == {"a_wins_up_to": None, "b_wins_from": 1, "consistent": True}
+
+
 @pytest.mark.parametrize(
     "script,result,check",
     [
         ("train_step.py", "benchmarks_train_step.json", check_train_step),
         ("param_efficiency.py", "benchmarks_params.json", check_params),
         ("generation.py", "benchmarks_generation.json", check_generation),
+        ("thresholds.py", "benchmarks_thresholds.json", check_thresholds),
     ],
 )
 def test_benchmark_quick_mode_writes_results(tmp_path, script, result, check):
