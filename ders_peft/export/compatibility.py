@@ -76,7 +76,7 @@ def _llama_cpp(cfg: dict, path: Path | None, state: dict | None) -> list[str]:
             f"dense blocks {dense} (mlp_only_layers): llama.cpp's {family} has no dense blocks, its "
             f"convert_hf_to_gguf.py cannot map 'model.layers.{dense[0]}.mlp.down_proj.weight' (upcycle every block)"
         )
-    top_k, experts = cfg.get("num_experts_per_tok"), cfg.get("num_experts")
+    top_k, experts = cfg.get("num_experts_per_tok"), cfg.get("num_experts", cfg.get("num_local_experts"))
     selective = top_k is not None and experts is not None and top_k < experts
     if model_type == "qwen2_moe" and cfg.get("norm_topk_prob") and selective:
         reasons.append(
