@@ -13,8 +13,33 @@ from test_benchmarks_quick import numbers
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
 
-def test_quality_benchmark_quick(tmp_path):
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import quality
+
+    return quality
+
+
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory, quality):
+    """A cache folder holding the quick settings' pretrained base, pretrained once for this module: the script run
+    below and the in-process runs both load it from there."""
+    import torch
+
+    from ders_peft import local_corpus as lc
+
+    threads = torch.get_num_threads()
+    cache = tmp_path_factory.mktemp("quality") / "cache"
+    lc.pretrained_base(cache, **quality.QUICK.base)
+    torch.set_num_threads(threads)
+    return cache
+
+
+def test_quality_benchmark_quick(tmp_path, quick_cache):
     out = tmp_path / "quality.json"
+    (base_dir,) = [d for d in quick_cache.iterdir() if not d.name.startswith("quality-runs-")]
+    pretrained_at = (base_dir / "ders_base.json").stat().st_mtime_ns
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable,
@@ -25,13 +50,16 @@ def test_quality_benchmark_quick(tmp_path):
         "--out",
         str(out),
         "--cache",
-        str(tmp_path / "cache"),
+        str(quick_cache),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.is_file() and out.with_suffix(".png").is_file()
     result = json.loads(out.read_text())
     assert result["settings"]["steps"] == 2 and result["command"].endswith("--steps 2")
+    # the run loaded the module's base instead of pretraining again
+    assert result["base_model"]["dir"] == base_dir.name
+    assert (base_dir / "ders_base.json").stat().st_mtime_ns == pretrained_at
     assert set(result["arms"]) == {
         "dense",
         "dense_mlp",
@@ -71,19 +99,15 @@ def test_failed_run_raises_with_the_childs_error_and_stores_nothing(tmp_path, mo
 
 
 @pytest.fixture(scope="module")
-def quick_base(tmp_path_factory):
-    """The quick settings' base model and data, built once for this module's in-process runs."""
+def quick_base(quick_cache, quality):
+    """The quick settings' base model (from the module's cache) and data, for this module's in-process runs."""
     import torch
 
     from ders_peft import local_corpus as lc
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    import quality
-
     threads = torch.get_num_threads()
-    root = tmp_path_factory.mktemp("quality")
-    base, tokenizer = lc.pretrained_base(root / "cache", **quality.QUICK.base)
-    data_path = root / "data.pt"
+    base, tokenizer = lc.pretrained_base(quick_cache, **quality.QUICK.base)
+    data_path = quick_cache.parent / "data.pt"
     quality.prepare_data(tokenizer, quality.QUICK, data_path)
     yield quality, base.name_or_path, data_path
     torch.set_num_threads(threads)  # run_one sets the run's thread count on this process
@@ -112,8 +136,8 @@ def test_deferred_test_loss_equals_the_in_run_one(quick_base, tmp_path, arm):
     assert abs(lc.evaluate_loss(untrained, torch.load(data_path)["test"]) - later["test_loss"]) > 1e-3
 
 
-def test_steps_must_be_positive(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--steps", "0", "--out", str(tmp_path / "q.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 2 and "--steps must be a positive integer, got 0" in proc.stderr
+def test_steps_must_be_positive(tmp_path, quality, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--quick", "--steps", "0", "--out", str(tmp_path / "q.json")])
+    assert exit_info.value.code == 2 and "--steps must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
