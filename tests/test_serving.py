@@ -71,10 +71,14 @@ def test_learned_gate_is_exported_as_trained(tmp_path):
 def test_tokenizer_class_is_portable_and_reloads(tmp_path):
     """transformers 5 saves a generic fast tokenizer as ``TokenizersBackend`` (rejected by llama.cpp's converter);
     the export writes ``PreTrainedTokenizerFast`` and AutoTokenizer reloads it with the same ids."""
-    pytest.importorskip("tokenizers")
-    from trainer_testing import word_tokenizer
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
 
-    tok = word_tokenizer()
+    words = "the cat sat on mat".split()
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     tok.save_pretrained(tmp_path / "plain")
     plain = json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())["tokenizer_class"]
     out = export_quietly(ders_model(), tmp_path / "out", "mixtral", tokenizer=tok)
