@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="markdown results file (the JSON goes next to it, same name, .json); overrides --out-dir",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="only rewrite the markdown page from an existing benchmarks_generation.json (no timing)",
+    )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -322,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.arm:  # worker mode
         worker(args.arm, Path(args.work), json.loads(args.size), args.threads)
+        return 0
+    if args.render:
+        args.render.with_suffix(".md").write_text(_report(json.loads(args.render.read_text())), encoding="utf-8")
+        print(f"wrote {args.render.with_suffix('.md')}")
         return 0
 
     sizes = [QUICK] if args.quick else FULL
@@ -409,7 +419,7 @@ def _section(size: dict, ders: dict, results: dict) -> dict:
 
 def _range(values: list[float], fmt: str = "{:.2f}") -> str:
     lo, hi = min(values), max(values)
-    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)} to {fmt.format(hi)}"
 
 
 def _findings(sections: list[dict], quick: bool) -> list[str]:
