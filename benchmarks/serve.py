@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 VOCAB = 512
+REPS = 3
 PROMPTS = [[5, 17, 42, 99, 7], [300, 12, 12, 250, 3, 88, 61, 140, 9], [401, 2, 77, 77, 160, 33, 21, 5, 480, 64, 11]]
 
 # arch -> (source family, DeRS options, upcycled blocks of 3; None = all): the options each engine run covers
@@ -109,9 +110,12 @@ def transformers_tokens(export: Path, new_tokens: int, swapped: bool = False) ->
         return out
 
     run()  # warm-up
-    start = time.perf_counter()
-    tokens = run()
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(REPS):  # the median of REPS timed runs (the machine is shared)
+        start = time.perf_counter()
+        tokens = run()
+        times.append(time.perf_counter() - start)
+    seconds = _common.median(times)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": sum(map(len, tokens)) / seconds}
 
 
@@ -127,12 +131,15 @@ def one_at_a_time():
     return [list(llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids)
             for p in prompts]
 one_at_a_time()  # warm-up
-start = time.perf_counter()
-tokens = one_at_a_time()
-seconds = time.perf_counter() - start
-start = time.perf_counter()
-batch = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-batch_seconds = time.perf_counter() - start
+def timed(fn):
+    times = []
+    for _ in range(3):  # the median of 3 timed runs (the machine is shared)
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, sorted(times)[1]
+tokens, seconds = timed(one_at_a_time)
+batch, batch_seconds = timed(lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
 print(json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": sum(map(len, tokens)) / seconds,
                   "batched_tokens": [list(o.outputs[0].token_ids) for o in batch],
                   "batched_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in batch) / batch_seconds,
@@ -233,7 +240,8 @@ def markdown(result: dict) -> str:
         "",
         f"{len(result['prompts'])} prompts x {result['new_tokens']} greedy tokens, fp32, tiny models (hidden 128, "
         "3 blocks, 4 experts, top-2, rank 8; deltas large enough that swapping two experts changes the tokens). "
-        "Tokens/s: one request at a time after a warm-up (transformers `generate`, vLLM `LLM.generate`); vLLM "
+        "Tokens/s: one request at a time, median of 3 runs after a warm-up (transformers `generate`, vLLM "
+        "`LLM.generate`); vLLM "
         "also with the 3 prompts batched. vLLM: " + result.get("vllm_version", "not installed") + ".",
         "",
         _common.markdown_table(header, rows),
