@@ -30,7 +30,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .export import ARCHITECTURES
+    from ..export import ARCHITECTURES
 
     parser = argparse.ArgumentParser(
         prog="ders-peft",
@@ -68,7 +68,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_compress_parser(sub, common) -> None:
-    from .compression.config import BITS
+    from ..compression.config import BITS
 
     com = sub.add_parser(
         "compress",
@@ -113,7 +113,7 @@ def _load_tokenizer(*dirs: Path):
 
 def _check_model_dir(flag: str, path: Path) -> None:
     """A local transformers model directory: a config.json object with a model_type and complete weight files."""
-    from .registration import check_safetensors
+    from ..registration import check_safetensors
 
     config = _read_json(flag, path, "config.json")
     if not isinstance(config.get("model_type"), str):
@@ -150,7 +150,7 @@ def _read_json(flag: str, path: Path, name: str) -> dict:
 
 
 def _check_adapter_dir(path: Path) -> dict:
-    from .registration import check_adapter_dir
+    from ..registration import check_adapter_dir
 
     config = _read_json("adapter", path, "adapter_config.json")
     if config.get("peft_type") != "DERS":
@@ -165,7 +165,7 @@ def _export(args: argparse.Namespace) -> int:
     base, adapter = Path(args.base), Path(args.adapter)
     _check_model_dir("base", base)
     adapter_cfg = _check_adapter_dir(adapter)
-    from .export import check_export_dir
+    from ..export import check_export_dir
 
     check_export_dir(args.out, "--out")  # before loading anything
 
@@ -173,7 +173,7 @@ def _export(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .export import export_moe
+    from ..export import export_moe
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=dtype)
@@ -192,7 +192,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compression_config(args: argparse.Namespace):
-    from .compression import CompressionConfig
+    from ..compression import CompressionConfig
 
     given = {
         "--drop-rate": args.drop_rate is not None,
@@ -221,7 +221,7 @@ def _compression_config(args: argparse.Namespace):
 def _new_output_dir(out_dir: str) -> Path:
     import warnings
 
-    from .atomic import check_destination, recover
+    from ..atomic import check_destination, recover
 
     out = check_destination(out_dir, "--out")
     for action in recover(out):  # an interrupted earlier write: restore or clean up first, then check
@@ -251,8 +251,8 @@ def _compress(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .atomic import write_dir
-    from .compression import compress, compression_report
+    from ..atomic import write_dir
+    from ..compression import compress, compression_report
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     load = {"local_files_only": True, "dtype": dtype}
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {"export": _export, "compress": _compress}[args.command]
     if args.debug:
         return run(args)
-    from .export import ExportCheckError
+    from ..export import ExportCheckError
 
     try:
         return run(args)
