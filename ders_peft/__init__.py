@@ -9,6 +9,7 @@ from .compression import CompressionConfig, CompressionReport, compress, compres
 from .compression.serialization import register as register_d2moe
 from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, QuantizedDelta, SparseDelta, UniversalFullDelta
+from .diagnostics import RouterStatsCallback, inspect_model, inspect_path
 from .export import convert_to_moe, export_moe
 from .layer import DeRSLayer
 from .model import DeRSModel
@@ -37,6 +38,7 @@ __all__ = [
     "LowRankDelta",
     "ParameterReport",
     "QuantizedDelta",
+    "RouterStatsCallback",
     "SparseDelta",
     "UniversalFullDelta",
     "compress",
@@ -46,6 +48,8 @@ __all__ = [
     "decompress",
     "export_moe",
     "init_routers_kmeans",
+    "inspect_model",
+    "inspect_path",
     "param_groups",
     "parameter_report",
 ]

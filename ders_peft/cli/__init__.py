@@ -2,6 +2,8 @@
 
 - ``ders-peft export --base <dense dir> --adapter <adapter dir> --out <dir> [--architecture mixtral|...]``: a standard
   transformers MoE checkpoint with a model card (:func:`ders_peft.export.export_moe`).
+- ``ders-peft inspect <adapter or MoE dir> [--base <dense dir>] [--text FILE] --out <dir>``: diagnostics PNGs + JSON
+  (:func:`ders_peft.diagnostics.inspect_path`).
 - ``ders-peft compress --base <dense dir> (--adapter <DeRS full adapter dir> | --moe <MoE dir>) --method dare
   --drop-rate 0.9 --out <dir>``: a compressed DeRS adapter over the dense model (:func:`ders_peft.compress`).
 
@@ -39,6 +41,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"ders-peft {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,7 +67,21 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=_DTYPES, default="auto", help="dtype to load and save the model in")
     exp.add_argument("--no-verify", action="store_true", help="skip the logit check against the DeRS model")
     _add_compress_parser(sub, common)
+    from . import inspect
+
+    inspect.add_parser(sub, common, EPILOG)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ders_peft")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def _add_compress_parser(sub, common) -> None:
@@ -285,7 +302,9 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ders-peft`` console script; returns the exit code (see ``EPILOG``)."""
     args = _build_parser().parse_args(argv)
-    run = {"export": _export, "compress": _compress}[args.command]
+    from . import inspect
+
+    run = {"export": _export, "compress": _compress, "inspect": inspect.run}[args.command]
     if args.debug:
         return run(args)
     from ..export import ExportCheckError

@@ -1,0 +1,47 @@
+"""The ``ders-peft`` CLI beyond export/compress: ``--version`` and ``inspect`` (exit codes, files, numbers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ders_testing import randomize_adapter, tiny_model
+from peft import get_peft_model
+
+import ders_peft
+from ders_peft import diagnostics
+from ders_peft.cli import EXIT_OK, EXIT_REFUSED, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ders-peft {ders_peft.__version__}"
+
+
+def test_inspect_writes_the_diagnostics_of_an_adapter(tmp_path, capsys):
+    cfg = ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="lowrank", rank=2)
+    model = get_peft_model(tiny_model("llama", hidden=16, inter=24), cfg)
+    randomize_adapter(model, std=0.3)
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    tiny_model("llama", hidden=16, inter=24).save_pretrained(base)
+    model.save_pretrained(adapter)
+    assert main(["inspect", str(adapter), "--base", str(base), "--out", str(out)]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'diagnostics.json'}" in printed and f"wrote {out / 'similarity.png'}" in printed
+    data = json.loads((out / "diagnostics.json").read_text())
+    want = diagnostics.expert_similarity(model.eval())
+    assert set(data["similarity"]) == set(want)
+    for name, entry in want.items():
+        got = data["similarity"][name]["projections"]["ffn"]["to_base"]
+        assert got == pytest.approx(entry["projections"]["ffn"]["to_base"], abs=1e-5)
+    assert (out / "summary.txt").read_text().strip() in printed
+
+
+def test_inspect_refuses_a_missing_dir_in_one_line(tmp_path, capsys):
+    code = main(["inspect", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == EXIT_REFUSED and "nope" in err and len(err.strip().splitlines()) == 1
+    assert main(["inspect", str(tmp_path), "--max-tokens", "0", "--out", str(tmp_path / "o")]) == EXIT_REFUSED
+    assert "--max-tokens=0" in capsys.readouterr().err
