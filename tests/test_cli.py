@@ -45,3 +45,27 @@ def test_inspect_refuses_a_missing_dir_in_one_line(tmp_path, capsys):
     assert code == EXIT_REFUSED and "nope" in err and len(err.strip().splitlines()) == 1
     assert main(["inspect", str(tmp_path), "--max-tokens", "0", "--out", str(tmp_path / "o")]) == EXIT_REFUSED
     assert "--max-tokens=0" in capsys.readouterr().err
+
+
+def test_params_of_a_7b_config_on_meta_matches_the_formula(tmp_path, capsys):
+    """Llama-2-7B shape from config.json alone (no weights): DeRS-LM r=4, N=8 adds per block a router (8 x 4096) and
+    8 experts' A (r x in) and B (out x r) for gate/up (4096 -> 11008) and down (11008 -> 4096)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    ).save_pretrained(tmp_path / "llama7b")
+    code = main(["params", str(tmp_path / "llama7b"), "--num-experts", "8", "--rank", "4", "--json"])
+    assert code == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    h, i, n, r = 4096, 11008, 8, 4
+    per_block = n * h + n * r * 3 * (h + i)
+    assert report["added_params"] == 32 * per_block
+    assert report["dense_params"] == 6_738_415_616  # Llama-2-7B
+    assert main(["params", str(tmp_path / "llama7b"), "--rank", "2"]) == EXIT_OK
+    assert "added" in capsys.readouterr().out
+
+
+def test_params_refuses_a_dir_without_config(tmp_path, capsys):
+    assert main(["params", str(tmp_path)]) == EXIT_REFUSED
+    assert "config.json" in capsys.readouterr().err
