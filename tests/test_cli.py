@@ -69,3 +69,56 @@ def test_params_of_a_7b_config_on_meta_matches_the_formula(tmp_path, capsys):
 def test_params_refuses_a_dir_without_config(tmp_path, capsys):
     assert main(["params", str(tmp_path)]) == EXIT_REFUSED
     assert "config.json" in capsys.readouterr().err
+
+
+def _scored_model_dir(tmp_path):
+    from trainer_testing import SENTENCE, word_tokenizer
+
+    cfg = ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="lowrank", rank=2)
+    model = get_peft_model(tiny_model("llama", hidden=16, inter=24), cfg)
+    randomize_adapter(model, std=0.3)
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    tiny_model("llama", hidden=16, inter=24).save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    model.save_pretrained(adapter)
+    text = (SENTENCE + " ") * 4
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": SENTENCE}) + "\n" + json.dumps({"text": SENTENCE}) + "\n")
+    ids = word_tokenizer()(text, return_tensors="pt").input_ids[0]
+    return model.eval(), base, adapter, text, ids
+
+
+def test_eval_ppl_equals_the_direct_loss(tmp_path, capsys):
+    import math
+
+    import torch
+
+    model, base, adapter, text, ids = _scored_model_dir(tmp_path)
+    n = ids.numel()
+    head = ["eval-ppl", str(adapter), "--base", str(base), "--json"]
+    argv = [*head, "--data", str(tmp_path / "t.txt")]
+    assert main([*argv, "--max-length", str(n), "--stride", str(n)]) == EXIT_OK
+    got = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        loss = float(model(input_ids=ids[None], labels=ids[None]).loss)  # one window: the whole text
+    assert got["tokens"] == n - 1 and got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(loss * (n - 1) / math.log(2) / len(text.encode()), rel=1e-5)
+    # non-overlapping windows of 16: each window's own loss, first token of each window unscored
+    assert main([*argv, "--max-length", "16", "--stride", "16"]) == EXIT_OK
+    got = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        parts = [ids[b : b + 16] for b in range(0, n, 16)]
+        parts = [p for p in parts if p.numel() > 1]
+        nll = sum(float(model(input_ids=p[None], labels=p[None]).loss) * (p.numel() - 1) for p in parts)
+        count = sum(p.numel() - 1 for p in parts)
+    assert got["tokens"] == count and got["nll_per_token"] == pytest.approx(nll / count, rel=1e-5)
+    # overlapping windows: every token but the first predicted once
+    assert main([*argv, "--max-length", "16", "--stride", "8"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["tokens"] == n - 1
+    # .jsonl with a text field works; a line without one is refused naming the line
+    assert main([*head, "--data", str(tmp_path / "t.jsonl")]) == EXIT_OK
+    capsys.readouterr()
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+    assert main([*head, "--data", str(tmp_path / "bad.jsonl")]) == EXIT_REFUSED
+    assert "line 1 has no string field 'text'" in capsys.readouterr().err
+    assert main([*argv, "--max-length", "8", "--stride", "9"]) == EXIT_REFUSED

@@ -1,0 +1,82 @@
+"""``ders-peft eval-ppl``: sliding-window perplexity and bits per byte of a dense model, a DeRS adapter or a MoE."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+EXAMPLE = """examples:
+  ders-peft eval-ppl out/demo/adapter --base out/demo/dense_base --data heldout.txt
+  ders-peft eval-ppl out/demo/mixtral --data heldout.txt --max-length 512 --stride 256 --json"""
+
+
+def add_parser(sub, common, epilog: str) -> None:
+    """Register the ``eval-ppl`` subcommand."""
+    p = sub.add_parser(
+        "eval-ppl",
+        parents=[common],
+        epilog=f"{EXAMPLE}\n\n{epilog}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="perplexity and bits per byte of a model, a DeRS adapter or an exported MoE on a text file",
+        description="Tokenise the whole file with the model's tokenizer and score it in windows of --max-length "
+        "tokens every --stride tokens (each token predicted once, with carried-over context).",
+    )
+    p.add_argument("model", help="local directory: a DeRS adapter, a dense model or an exported MoE")
+    p.add_argument("--base", default=None, help="base model directory of an adapter (default: the one it names)")
+    p.add_argument("--data", required=True, help="UTF-8 text file (.txt), or .jsonl with a 'text' field per line")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def read_text(path: str) -> str:
+    """The text of a ``.txt`` file, or the ``text`` fields of a ``.jsonl`` file joined by blank lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--data={path!r} is invalid: it is not a file")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--data={path!r} is invalid: not UTF-8 text ({err})") from None
+    if p.suffix != ".jsonl":
+        return raw
+    texts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"--data={path!r} is invalid: line {n} is not JSON ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"--data={path!r} is invalid: line {n} has no string field 'text'")
+        texts.append(row["text"])
+    return "\n\n".join(texts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print perplexity, bits per byte and the token count."""
+    if args.max_length < 2 or not 1 <= args.stride <= args.max_length:
+        raise ValueError(
+            f"--max-length={args.max_length} / --stride={args.stride} are invalid: need max-length >= 2 and "
+            "1 <= stride <= max-length"
+        )
+    text = read_text(args.data)
+    from ..diagnostics.api import load_for_inspection
+    from ..diagnostics.perplexity import perplexity_report, sliding_window_nll
+
+    model, tokenizer, what = load_for_inspection(args.model, args.base)
+    if tokenizer is None:
+        raise ValueError(f"{args.model!r} (and its base) has no tokenizer files: save the tokenizer beside the model")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    nll, tokens = sliding_window_nll(model.eval(), ids, args.max_length, args.stride)
+    result = {"model": what, "data": args.data} | perplexity_report(nll, tokens, len(text.encode("utf-8")))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(
+            f"{what} on {args.data}: perplexity {result['perplexity']:.4f}, {result['bits_per_byte']:.4f} bits per "
+            f"byte ({tokens:,} tokens predicted, window {args.max_length}, stride {args.stride})"
+        )
+    return 0
