@@ -122,3 +122,35 @@ def test_eval_ppl_equals_the_direct_loss(tmp_path, capsys):
     assert main([*head, "--data", str(tmp_path / "bad.jsonl")]) == EXIT_REFUSED
     assert "line 1 has no string field 'text'" in capsys.readouterr().err
     assert main([*argv, "--max-length", "8", "--stride", "9"]) == EXIT_REFUSED
+
+
+def test_train_saves_a_trained_adapter_and_resumes(tmp_path, capsys):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from trainer_testing import SENTENCE, word_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    tiny_model("llama", hidden=16, inter=24).save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    (tmp_path / "d.txt").write_text("\n\n".join([SENTENCE] * 8))
+    argv = ["train", "--base", str(base), "--data", str(tmp_path / "d.txt"), "--out", str(out)]
+    argv += ["--num-experts", "4", "--rank", "2", "--lr", "1e-2", "--batch-size", "2", "--max-length", "32"]
+    assert main([*argv, "--max-steps", "2", "--save-steps", "2"]) == EXIT_OK
+    assert f"adapter saved to {out / 'adapter'}" in capsys.readouterr().out
+    trained = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in trained.items() if "lora_b" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)  # B starts at zero: training moved it
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out / "adapter"))
+    assert model.peft_config["default"].num_experts == 4
+    # resume: continues from checkpoint-2 to step 3
+    assert main([*argv, "--max-steps", "3", "--resume"]) == EXIT_OK
+    assert "trained 3 steps" in capsys.readouterr().out
+    state = json.loads((out / "trainer" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    # refusals: no checkpoint to resume from, a .jsonl line without text
+    assert main([*argv[:-10], "--out", str(tmp_path / "new"), "--resume"]) == EXIT_REFUSED
+    assert "holds no checkpoint" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 1}\n')
+    bad = ["train", "--base", str(base), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")]
+    assert main(bad) == EXIT_REFUSED and "no string field 'text'" in capsys.readouterr().err

@@ -4,6 +4,8 @@
   transformers MoE checkpoint with a model card (:func:`ders_peft.export.export_moe`).
 - ``ders-peft params <model dir> [--adapter <dir> | DeRS options] [--json]``: the parameter report, on the meta
   device (:func:`ders_peft.parameter_report`).
+- ``ders-peft train --base <dense dir> --data FILE|DIR --out <dir> [DeRS options] [SFTConfig options] [--resume]``:
+  TRL ``SFTTrainer`` with CPU-safe defaults; the adapter goes to ``<out>/adapter``.
 - ``ders-peft eval-ppl <model, adapter or MoE dir> [--base <dir>] --data FILE``: sliding-window perplexity and bits
   per byte (:mod:`ders_peft.diagnostics.perplexity`).
 - ``ders-peft inspect <adapter or MoE dir> [--base <dense dir>] [--text FILE] --out <dir>``: diagnostics PNGs + JSON
@@ -71,11 +73,12 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=_DTYPES, default="auto", help="dtype to load and save the model in")
     exp.add_argument("--no-verify", action="store_true", help="skip the logit check against the DeRS model")
     _add_compress_parser(sub, common)
-    from . import eval_ppl, inspect, params
+    from . import eval_ppl, inspect, params, train
 
-    inspect.add_parser(sub, common, EPILOG)
-    params.add_parser(sub, common, EPILOG)
+    train.add_parser(sub, common, EPILOG)
     eval_ppl.add_parser(sub, common, EPILOG)
+    params.add_parser(sub, common, EPILOG)
+    inspect.add_parser(sub, common, EPILOG)
     return parser
 
 
@@ -308,10 +311,10 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ders-peft`` console script; returns the exit code (see ``EPILOG``)."""
     args = _build_parser().parse_args(argv)
-    from . import eval_ppl, inspect, params
+    from . import eval_ppl, inspect, params, train
 
     commands = {"export": _export, "compress": _compress, "inspect": inspect.run, "params": params.run}
-    run = (commands | {"eval-ppl": eval_ppl.run})[args.command]
+    run = (commands | {"eval-ppl": eval_ppl.run, "train": train.run})[args.command]
     if args.debug:
         return run(args)
     from ..export import ExportCheckError

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .options import add_ders_options, ders_config
+
 EXAMPLE = """examples:
   ders-peft params path/to/llama-7b --num-experts 8 --top-k 2 --delta-type lowrank --rank 4
   ders-peft params out/demo/dense_base --adapter out/demo/adapter --json"""
@@ -24,25 +26,14 @@ def add_parser(sub, common, epilog: str) -> None:
     )
     p.add_argument("model", help="local model directory (only its config.json is read)")
     p.add_argument("--adapter", default=None, help="DeRS adapter directory whose adapter_config.json is used")
-    p.add_argument("--num-experts", type=int, default=8, help="experts per upcycled block (default 8)")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--delta-type", default="lowrank", help="lowrank, sparse, full or quantized (default lowrank)")
-    p.add_argument("--rank", type=int, default=4, help="lowrank: rank of each delta (default 4)")
-    p.add_argument("--sparse-rate", type=float, default=0.9, help="sparse: share of zero entries (default 0.9)")
-    p.add_argument("--bits", type=int, default=None, help="quantized: bits per entry")
-    p.add_argument("--shared-expert", action="store_true", help="add the always-on universal FFN")
+    add_ders_options(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _config(args: argparse.Namespace):
-    from ..config import DeRSConfig
-
     if args.adapter is None:
-        kwargs = {"num_experts": args.num_experts, "top_k": args.top_k, "delta_type": args.delta_type}
-        kwargs |= {"rank": args.rank, "sparse_rate": args.sparse_rate, "shared_expert": args.shared_expert}
-        if args.bits is not None:
-            kwargs["bits"] = args.bits
-        return DeRSConfig(task_type="CAUSAL_LM", **kwargs)
+        return ders_config(args)
+    from ..config import DeRSConfig
     from . import _check_adapter_dir
 
     _check_adapter_dir(Path(args.adapter))
