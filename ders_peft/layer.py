@@ -117,6 +117,9 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         self._merged_experts: dict[str, dict[str, FullDelta]] = {}
         self._dense_stash: dict[str, torch.Tensor] = {}
         self._built_with: dict[str, tuple] = {}
+        # DeepSpeed ZeRO-3 leaf module (what deepspeed.utils.set_z3_leaf_modules sets): forward reads the children's
+        # weights without calling their forward, so ZeRO-3 must gather the whole layer's parameters at its forward
+        self._z3_leaf = True
         self.update_layer(adapter_name, config)
 
     # ------------------------------------------------------------------ construction

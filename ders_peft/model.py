@@ -13,6 +13,7 @@ from torch import nn
 from . import ffn
 from .config import DeRSConfig, count_blocks
 from .ffn import DEFAULT_TARGET_MODULES
+from .integrations.deepspeed import gathered
 from .layer import DeRSLayer, RouterRuntime, not_an_ffn_block
 from .registration import PREFIX, check_adapter_checkpoint
 
@@ -105,13 +106,15 @@ class DeRSModel(BaseTuner):
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
         if isinstance(target, DeRSLayer):
-            target.update_layer(adapter_name, peft_config)
+            with gathered(target.base_layer):
+                target.update_layer(adapter_name, peft_config)
             return
         if isinstance(target, BaseTunerLayer):
             raise ValueError(
                 f"{current_key!r} already carries another PEFT method's adapter; DeRS targets plain FFN blocks."
             )
-        new_module = DeRSLayer(target, adapter_name, peft_config, self.runtime, key=current_key)
+        with gathered(target):  # ZeRO-3: the block's full weights while the layer copies them
+            new_module = DeRSLayer(target, adapter_name, peft_config, self.runtime, key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -227,8 +230,9 @@ def _check_targets(tuner: DeRSModel, config: DeRSConfig, model: nn.Module) -> li
                 f"adapter ({kind}); DeRS needs the block's plain projections: merge that adapter into the model first "
                 "(merge_and_unload()), then upcycle."
             )
-        layout, reason = ffn.inspect_block(module)
-        reason = reason or ffn.probe_block(module, layout)
+        with gathered(module):  # ZeRO-3: shapes and the probe need the full weights
+            layout, reason = ffn.inspect_block(module)
+            reason = reason or ffn.probe_block(module, layout)
         if reason:
             raise ValueError(not_an_ffn_block(key, module, reason))
     return targets
@@ -285,8 +289,9 @@ def _source_record(model_config: dict, targets: list[tuple[str, nn.Module]]) -> 
     shapes = {}
     for key, module in targets:
         block = module.base_layer if isinstance(module, DeRSLayer) else module
-        layout = ffn.detect_layout(block)
-        shapes[key] = {p: list(ffn.proj_shape(getattr(block, p))) for p in layout.projs}
+        with gathered(block):
+            layout = ffn.detect_layout(block)
+            shapes[key] = {p: list(ffn.proj_shape(getattr(block, p))) for p in layout.projs}
     uniform = len({json.dumps(v, sort_keys=True) for v in shapes.values()}) == 1
     return {
         **_partial_record(model_config),

@@ -73,14 +73,37 @@ class DeRSTrainerCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
+        tuners = find_ders_tuners(model)
+        if not tuners:
+            return
         stats: dict[str, list[float]] = {}
-        for tuner in find_ders_tuners(model):
+        for tuner in tuners:
             for k, v in tuner.pop_router_stats().items():
                 stats.setdefault(k, []).append(v)
-        means = {k: round(sum(v) / len(v), 6) for k, v in stats.items()}
+        means = {k: sum(v) / len(v) for k, v in stats.items()}
+        means = {k: round(v, 6) for k, v in mean_over_processes(means, args.device).items()}
         logs.update(means)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(means)
+
+
+ROUTER_STATS = ("router_aux_loss", "router_z_loss")
+
+
+def mean_over_processes(means: dict[str, float], device) -> dict[str, float]:
+    """Average each rank's router-loss means over the processes of a distributed run (DDP/FSDP/DeepSpeed), as
+    ``Trainer`` does for the logged ``loss``; unchanged outside one. Every rank calls ``on_log`` at the same steps;
+    a name a rank did not record counts for the ranks that did."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return means
+    values = [means.get(k, 0.0) for k in ROUTER_STATS] + [float(k in means) for k in ROUTER_STATS]
+    buf = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(buf)
+    n = len(ROUTER_STATS)
+    return {k: float(buf[i] / buf[n + i]) for i, k in enumerate(ROUTER_STATS) if buf[n + i] > 0}
 
 
 def install_default_callback() -> None:
