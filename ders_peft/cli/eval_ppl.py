@@ -30,19 +30,20 @@ def add_parser(sub, common, epilog: str) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def read_text(path: str) -> str:
-    """The text of a ``.txt`` file, or the ``text`` fields of a ``.jsonl`` file joined by blank lines."""
+def _read(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--data={path!r} is invalid: it is not a file")
     try:
-        raw = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"--data={path!r} is invalid: not UTF-8 text ({err})") from None
-    if p.suffix != ".jsonl":
-        return raw
+
+
+def read_jsonl_texts(path: str) -> list[str]:
+    """The string ``text`` field of every non-empty line of a ``.jsonl`` file; ``ValueError`` naming the line."""
     texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in enumerate(_read(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -52,7 +53,12 @@ def read_text(path: str) -> str:
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise ValueError(f"--data={path!r} is invalid: line {n} has no string field 'text'")
         texts.append(row["text"])
-    return "\n\n".join(texts)
+    return texts
+
+
+def read_text(path: str) -> str:
+    """The text of a ``.txt`` file, or the ``text`` fields of a ``.jsonl`` file joined by blank lines."""
+    return "\n\n".join(read_jsonl_texts(path)) if Path(path).suffix == ".jsonl" else _read(path)
 
 
 def run(args: argparse.Namespace) -> int:

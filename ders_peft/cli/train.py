@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .options import add_ders_options, ders_config
@@ -54,10 +53,9 @@ def read_documents(path: str) -> list[str]:
             raise ValueError(f"--data={path!r} is invalid: the directory holds no .txt files")
         docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     elif p.suffix == ".jsonl":
-        from .eval_ppl import read_text
+        from .eval_ppl import read_jsonl_texts
 
-        read_text(path)  # validates every line
-        docs = [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        docs = read_jsonl_texts(path)
     elif p.is_file():
         docs = p.read_text(encoding="utf-8", errors="replace").split("\n\n")
     else:
