@@ -94,6 +94,7 @@ def test_eval_ppl_equals_the_direct_loss(tmp_path, capsys):
     import torch
 
     model, base, adapter, text, ids = _scored_model_dir(tmp_path)
+    capsys.readouterr()  # what saving printed (deepspeed, when installed, logs to stdout on its first import)
     n = ids.numel()
     head = ["eval-ppl", str(adapter), "--base", str(base), "--json"]
     argv = [*head, "--data", str(tmp_path / "t.txt")]
@@ -114,7 +115,12 @@ def test_eval_ppl_equals_the_direct_loss(tmp_path, capsys):
     assert got["tokens"] == count and got["nll_per_token"] == pytest.approx(nll / count, rel=1e-5)
     # overlapping windows: every token but the first predicted once
     assert main([*argv, "--max-length", "16", "--stride", "8"]) == EXIT_OK
-    assert json.loads(capsys.readouterr().out)["tokens"] == n - 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens"] == n - 1
+    windows = 1 + -(-(n - 16) // 8)  # the progress bar counts the windows scored
+    assert "eval-ppl: 100%" in captured.err and f"{windows}/{windows}" in captured.err, captured.err
+    assert main([*argv, "--max-length", "16", "--stride", "8", "--no-progress"]) == EXIT_OK
+    assert "eval-ppl:" not in capsys.readouterr().err
     # .jsonl with a text field works; a line without one is refused naming the line
     assert main([*head, "--data", str(tmp_path / "t.jsonl")]) == EXIT_OK
     capsys.readouterr()

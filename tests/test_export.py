@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import ders_peft
 from ders_peft import cli
-from ders_peft.export import convert_to_moe, export_moe, plan_export
+from ders_peft.export import VERIFY_TOLERANCE, convert_to_moe, export_moe, plan_export
 
 NEW_TOKENS = 8
 
@@ -449,6 +450,8 @@ def test_cli_export(tmp_path, capsys):
     proc = _cli("export", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MixtralForCausalLM" in proc.stdout
+    printed = re.search(r"max \|logit difference\| vs the DeRS model (\S+)\)", proc.stdout)
+    assert printed is not None and float(printed.group(1)) <= VERIFY_TOLERANCE, proc.stdout
     assert (out_dir / "tokenizer.json").is_file()
     assert "| num_experts (N) | 3 |" in (out_dir / "README.md").read_text()
 
@@ -504,7 +507,7 @@ def test_failed_export_check_writes_nothing_and_no_verify_skips_it(tmp_path, mon
     assert (out / "config.json").is_file()
 
 
-def test_cli_export_dtype_and_no_verify(tmp_path, monkeypatch):
+def test_cli_export_dtype_and_no_verify(tmp_path, monkeypatch, capsys):
     """``ders-peft export --dtype bfloat16 --no-verify``: a bf16 checkpoint, written without the logit check (which
     the patched tolerance would fail: the CLI runs in this process to see the patch)."""
     from ders_peft.export import writing as export_module
@@ -519,5 +522,6 @@ def test_cli_export_dtype_and_no_verify(tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "_verify", lambda *a: pytest.fail("--no-verify ran the check"))
     args = ["export", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out_dir)]
     assert cli.main([*args, "--dtype", "bfloat16", "--no-verify"]) in (0, None)
+    assert "logit check skipped (--no-verify)" in capsys.readouterr().out
     moe = AutoModelForCausalLM.from_pretrained(out_dir, dtype="auto")
     assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}

@@ -16,116 +16,24 @@
 Every input directory and the destination are checked before a model is loaded; outputs are written atomically
 (:mod:`ders_peft.atomic`). A user error is one line on stderr naming the option and the file, exit status 2; an
 unexpected error exits 1 (``--debug`` shows tracebacks); see ``EPILOG``.
+
+The parser and ``main`` live in the light package :mod:`ders_peft_cli` (so ``--help`` imports no torch); this package
+holds what each subcommand runs (:data:`COMMANDS`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
-EPILOG = """exit status:
-  0    success
-  2    refused input: a usage error, a bad option, a missing, corrupt or foreign file or directory (named in
-       the message), a model or adapter with no exact result, a failed export check, or a file-system error
-  1    unexpected internal error (a bug): rerun with --debug and report the traceback
-  130  interrupted (Ctrl-C); the output directory is left as it was
-Errors are one line on stderr; --debug shows the traceback."""
+from ders_peft_cli import EPILOG, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, main
+
+from . import eval_ppl, inspect, params, train
+
+__all__ = ["COMMANDS", "EPILOG", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REFUSED", "main"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    from ..export import ARCHITECTURES
-
-    parser = argparse.ArgumentParser(
-        prog="ders-peft",
-        description="DeRS Mixture-of-Experts upcycling tools.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser.add_argument("--version", action="version", version=f"ders-peft {_version()}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser(
-        "export",
-        parents=[common],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="write a DeRS model as a standard transformers MoE checkpoint (Mixtral / Qwen2-MoE / Qwen3-MoE)",
-        description="Merge a DeRS adapter into its dense base model and save the exact standard MoE equivalent.",
-    )
-    exp.add_argument("--base", required=True, help="local directory of the dense base model")
-    exp.add_argument("--adapter", required=True, help="local directory of the DeRS adapter (adapter_config.json)")
-    exp.add_argument(
-        "--out", required=True, help="output directory: new, empty or a previous export (replaced only on success)"
-    )
-    exp.add_argument(
-        "--architecture",
-        choices=ARCHITECTURES,
-        default=None,
-        help="target architecture (default: the first exact one)",
-    )
-    exp.add_argument("--dtype", choices=_DTYPES, default="auto", help="dtype to load and save the model in")
-    exp.add_argument("--no-verify", action="store_true", help="skip the logit check against the DeRS model")
-    _add_compress_parser(sub, common)
-    from . import eval_ppl, inspect, params, train
-
-    train.add_parser(sub, common, EPILOG)
-    eval_ppl.add_parser(sub, common, EPILOG)
-    params.add_parser(sub, common, EPILOG)
-    inspect.add_parser(sub, common, EPILOG)
-    return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ders_peft")
-    except PackageNotFoundError:
-        from .. import __version__
-
-        return __version__
-
-
-def _add_compress_parser(sub, common) -> None:
-    from ..compression.config import BITS
-
-    com = sub.add_parser(
-        "compress",
-        parents=[common],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="compress a trained vanilla-upcycled MoE into a DeRS adapter with sparse or quantized deltas",
-        description="Split a trained MoE into its dense model's FFN (the shared base) plus per-expert deltas, "
-        "compressed by DARE, magnitude pruning or k-bit quantization, and save it as a DeRS adapter over the dense "
-        "model.",
-    )
-    com.add_argument("--base", required=True, help="local directory of the dense model the MoE was upcycled from")
-    src = com.add_mutually_exclusive_group(required=True)
-    src.add_argument("--adapter", help="local directory of a DeRS adapter with delta_type='full' over --base")
-    src.add_argument("--moe", help="local directory of a Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint")
-    com.add_argument(
-        "--method",
-        choices=("dare", "magnitude", "quantize"),
-        required=True,
-        help="how the deltas are compressed (D2-MoE, which needs calibration data, is the Python API's "
-        "compress(method='d2moe'))",
-    )
-    com.add_argument("--drop-rate", type=float, default=None, help="dare/magnitude: share of entries dropped [0, 1)")
-    com.add_argument("--bits", type=int, choices=BITS, default=None, help="quantize: bits per entry")
-    com.add_argument("--group-size", type=int, default=None, help="quantize: entries per scale (default: per row)")
-    com.add_argument("--seed", type=int, default=None, help="dare: seed of the kept entries (default 0)")
-    com.add_argument(
-        "--no-compress-shared", action="store_true", help="keep the universal FFN / shared expert's delta whole"
-    )
-    com.add_argument("--dtype", choices=_DTYPES, default="auto", help="dtype to load the models in")
-    com.add_argument("--out", required=True, help="output directory for the adapter: new or empty")
 
 
 def _load_tokenizer(*dirs: Path):
@@ -187,6 +95,15 @@ def _check_adapter_dir(path: Path) -> dict:
     return config
 
 
+class _ExportCheckLine(logging.Handler):
+    """Keeps the export check's log message, printed with the export's result."""
+
+    line: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.line = record.getMessage()
+
+
 def _export(args: argparse.Namespace) -> int:
     base, adapter = Path(args.base), Path(args.adapter)
     _check_model_dir("base", base)
@@ -199,21 +116,29 @@ def _export(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ..export import export_moe
+    from ..export import export_moe, writing
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=dtype)
     model = PeftModel.from_pretrained(model, str(adapter), local_files_only=True).eval()
-    out = export_moe(
-        model,
-        args.out,
-        architecture=args.architecture,
-        tokenizer=_load_tokenizer(adapter, base),
-        base_model=adapter_cfg.get("base_model_name_or_path") or str(base),
-        verify=not args.no_verify,
-    )
+    check = _ExportCheckLine()
+    level = writing.logger.level
+    writing.logger.addHandler(check)
+    writing.logger.setLevel(logging.INFO)
+    try:
+        out = export_moe(
+            model,
+            args.out,
+            architecture=args.architecture,
+            tokenizer=_load_tokenizer(adapter, base),
+            base_model=adapter_cfg.get("base_model_name_or_path") or str(base),
+            verify=not args.no_verify,
+        )
+    finally:
+        writing.logger.removeHandler(check)
+        writing.logger.setLevel(level)
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
-    print(f"wrote {arch} checkpoint to {out}")
+    print(f"wrote {arch} checkpoint to {out} ({check.line or 'logit check skipped (--no-verify)'})")
     return EXIT_OK
 
 
@@ -303,38 +228,11 @@ def _compress(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
-    return text.replace("\n  ", "; ").replace("\n", " ")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ders-peft`` console script; returns the exit code (see ``EPILOG``)."""
-    args = _build_parser().parse_args(argv)
-    from . import eval_ppl, inspect, params, train
-
-    commands = {"export": _export, "compress": _compress, "inspect": inspect.run, "params": params.run}
-    run = (commands | {"eval-ppl": eval_ppl.run, "train": train.run})[args.command]
-    if args.debug:
-        return run(args)
-    from ..export import ExportCheckError
-
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print(f"ders-peft {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ValueError, OSError, ExportCheckError) as err:
-        print(f"ders-peft {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_REFUSED
-    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback with --debug
-        print(
-            f"ders-peft {args.command}: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug "
-            "for the traceback and report it)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMANDS = {
+    "export": _export,
+    "compress": _compress,
+    "train": train.run,
+    "eval-ppl": eval_ppl.run,
+    "params": params.run,
+    "inspect": inspect.run,
+}

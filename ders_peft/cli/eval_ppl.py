@@ -6,29 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-EXAMPLE = """examples:
-  ders-peft eval-ppl out/demo/adapter --base out/demo/dense_base --data heldout.txt
-  ders-peft eval-ppl out/demo/mixtral --data heldout.txt --max-length 512 --stride 256 --json"""
-
-
-def add_parser(sub, common, epilog: str) -> None:
-    """Register the ``eval-ppl`` subcommand."""
-    p = sub.add_parser(
-        "eval-ppl",
-        parents=[common],
-        epilog=f"{EXAMPLE}\n\n{epilog}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="perplexity and bits per byte of a model, a DeRS adapter or an exported MoE on a text file",
-        description="Tokenise the whole file with the model's tokenizer and score it in windows of --max-length "
-        "tokens every --stride tokens (each token predicted once, with carried-over context).",
-    )
-    p.add_argument("model", help="local directory: a DeRS adapter, a dense model or an exported MoE")
-    p.add_argument("--base", default=None, help="base model directory of an adapter (default: the one it names)")
-    p.add_argument("--data", required=True, help="UTF-8 text file (.txt), or .jsonl with a 'text' field per line")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per window (default 1024)")
-    p.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
 
 def _read(path: str) -> str:
     p = Path(path)
@@ -76,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ValueError(f"{args.model!r} (and its base) has no tokenizer files: save the tokenizer beside the model")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    nll, tokens = sliding_window_nll(model.eval(), ids, args.max_length, args.stride)
+    nll, tokens = sliding_window_nll(model.eval(), ids, args.max_length, args.stride, progress=not args.no_progress)
     result = {"model": what, "data": args.data} | perplexity_report(nll, tokens, len(text.encode("utf-8")))
     if args.json:
         print(json.dumps(result, indent=1))

@@ -6,28 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import add_ders_options, ders_config
-
-EXAMPLE = """examples:
-  ders-peft params path/to/llama-7b --num-experts 8 --top-k 2 --delta-type lowrank --rank 4
-  ders-peft params out/demo/dense_base --adapter out/demo/adapter --json"""
-
-
-def add_parser(sub, common, epilog: str) -> None:
-    """Register the ``params`` subcommand."""
-    p = sub.add_parser(
-        "params",
-        parents=[common],
-        epilog=f"{EXAMPLE}\n\n{epilog}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="parameter report (added / trainable / total) of a DeRS config or adapter on a local model's config",
-        description="Build the model from its config.json on the meta device (no weights are read, so a 7B config "
-        "answers in seconds), apply the DeRS config given by --adapter or the options, and print the report.",
-    )
-    p.add_argument("model", help="local model directory (only its config.json is read)")
-    p.add_argument("--adapter", default=None, help="DeRS adapter directory whose adapter_config.json is used")
-    add_ders_options(p)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+from .options import ders_config
 
 
 def _config(args: argparse.Namespace):

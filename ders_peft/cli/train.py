@@ -5,43 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_ders_options, ders_config
-
-EXAMPLE = """examples:
-  ders-peft train --base out/demo/dense_base --data notes.jsonl --out out/run --max-steps 200 --rank 4
-  ders-peft train --base out/demo/dense_base --data docs/ --out out/run --max-steps 400 --save-steps 100 --resume"""
-
-
-def add_parser(sub, common, epilog: str) -> None:
-    """Register the ``train`` subcommand."""
-    p = sub.add_parser(
-        "train",
-        parents=[common],
-        epilog=f"{EXAMPLE}\n\n{epilog}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="upcycle a dense model with DeRS and train it with TRL's SFTTrainer; saves the adapter",
-        description="Train a DeRS adapter on text with TRL's SFTTrainer (CPU-safe defaults: no bf16 on CPU, no "
-        "logging services). Checkpoints go to OUT/trainer, the final adapter to OUT/adapter.",
-    )
-    p.add_argument("--base", required=True, help="local directory of the dense model (with its tokenizer)")
-    p.add_argument(
-        "--data",
-        required=True,
-        help="a .jsonl file (a string 'text' per line), a .txt file (documents split on blank lines) or a directory "
-        "of .txt files (one document each)",
-    )
-    p.add_argument("--out", required=True, help="output directory (adapter/ and trainer/ checkpoints)")
-    add_ders_options(p)
-    g = p.add_argument_group("training options (SFTConfig)")
-    g.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
-    g.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    g.add_argument("--batch-size", type=int, default=4, help="per-device batch size (default 4)")
-    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    g.add_argument("--max-length", type=int, default=512, help="tokens per example, longer ones cut (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    g.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
-    g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps into OUT/trainer (0: none)")
-    g.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT/trainer")
+from .options import ders_config
 
 
 def read_documents(path: str) -> list[str]:

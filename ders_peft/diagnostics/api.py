@@ -21,12 +21,10 @@ OWNER = "ders_peft.diagnostics"
 FILES = ("diagnostics.json", "summary.txt", "similarity.png", "router_load.png", "spectrum.png")
 
 
-def _progress(total: int):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        return None
-    return tqdm(total=total, desc="diagnostics", unit="layer", disable=total < 4)
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="diagnostics", unit="layer", disable=not enabled)
 
 
 def _summary(result: dict) -> dict[str, dict]:
@@ -96,18 +94,22 @@ def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def inspect_model(
-    model: nn.Module, input_ids: torch.Tensor | None = None, out_dir: str | os.PathLike | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> dict:
     """Expert similarity, delta spectrum and (with ``input_ids``, token ids ``(T,)`` or ``(B, T)``) router load of
     every MoE layer of ``model`` (a DeRS peft model, or a supported transformers MoE with base = mean of experts).
 
     Returns ``{"model", "similarity", "spectrum", "router_load" (None without input), "summary", "notes"}``; with
-    ``out_dir`` also writes the files (see :func:`write_outputs`) and adds ``"files"``."""
+    ``out_dir`` also writes the files (see :func:`write_outputs`) and adds ``"files"``. ``progress`` draws a tqdm
+    bar over the layers on stderr."""
     kind = model_kind(model)
     inner = unwrap(model)
     notes: list[str] = []
     similarity, spectrum = {}, {}
-    bar = _progress(num_layers(model))
+    bar = _progress(num_layers(model), progress)
     base = None
     for experts in expert_sets(model):
         base = experts.base_kind
@@ -115,10 +117,8 @@ def inspect_model(
         similarity[experts.name] = {**head, "projections": layer_similarity(experts)}
         spectrum[experts.name] = {**head, "projections": layer_spectrum(experts)}
         del experts
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     load = None
     if input_ids is None:
         notes.append("router load skipped: no input tokens were given")
@@ -205,11 +205,12 @@ def inspect_path(
     text_file: str | None = None,
     out_dir: str = "diagnostics",
     max_tokens: int = 4096,
+    progress: bool = False,
 ) -> dict:
     """Load ``path`` (DeRS adapter directory on ``base``, or a transformers MoE directory), tokenise the first
     ``max_tokens`` tokens of ``text_file`` with the model's tokenizer for the router load (skipped with a note
     without text), run :func:`inspect_model` and write its files into ``out_dir``. Returns the dict (``files``:
-    the written paths)."""
+    the written paths). ``progress``: tqdm bars on stderr (the command line's default)."""
     if text_file is not None and not Path(text_file).is_file():
         raise ValueError(f"text_file={text_file!r} is invalid: it is not a readable file.")
     if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -226,7 +227,7 @@ def inspect_path(
             ids = torch.tensor(tok(text)["input_ids"][:max_tokens], dtype=torch.long)
             if ids.numel() == 0:
                 ids, note = None, f"router load skipped: {text_file!r} gave no tokens"
-    result = inspect_model(model, ids, out_dir=None)
+    result = inspect_model(model, ids, out_dir=None, progress=progress)
     result["model"]["source"] = description
     if note is not None:
         result["notes"] = [n for n in result["notes"] if not n.startswith("router load skipped")] + [note]

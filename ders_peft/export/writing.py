@@ -4,6 +4,7 @@ destination (an empty directory or a previous export, replaced atomically)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -18,6 +19,8 @@ from .compatibility import engine_compatibility, warn_incompatible
 from .plan import ExportPlan, _unwrap, plan_export
 from .targets import TARGETS
 from .weights import _convert
+
+logger = logging.getLogger(__name__)
 
 
 def model_card(plan: ExportPlan, base_model: str | None, max_abs_logit_diff: float | None = None) -> str:
@@ -126,7 +129,8 @@ def export_moe(
     :class:`EngineCompatibilityWarning` names each reason a serving engine will not run the export exactly
     (:func:`engine_compatibility`). The tokenizer's ``tokenizer_class`` is written as ``PreTrainedTokenizerFast``
     where transformers 5 writes ``TokenizersBackend`` (the same class, which older readers and llama.cpp's converter
-    reject). Returns the output path.
+    reject). The check's result is in the model card and logged (INFO, logger ``ders_peft.export.writing``).
+    Returns the output path.
     """
     out, _ = check_export_dir(out_dir)
     try:
@@ -135,6 +139,8 @@ def export_moe(
     except ValueError as err:
         raise ValueError(f"{err} Nothing was written to {str(out)!r}.") from err
     diff = _verify(model, target, plan) if verify else None
+    if diff is not None:
+        logger.info("export check passed: max |logit difference| vs the DeRS model %.2e", diff)
     warn_incompatible(engine_compatibility(target.config, target.state_dict()))
     if base_model is None:
         root = _unwrap(model)
