@@ -37,6 +37,10 @@ EXAMPLES = {
     "params": """examples:
   ders-peft params path/to/llama-7b --num-experts 8 --top-k 2 --delta-type lowrank --rank 4
   ders-peft params out/demo/dense_base --adapter out/demo/adapter --json""",
+    "lm-eval": """examples:
+  ders-peft lm-eval run --model hf --model_args pretrained=out/demo/dense_base,peft=out/demo/adapter \
+      --tasks mytask --include_path my_tasks/ --device cpu
+  ders-peft lm-eval run --model hf --model_args pretrained=out/demo/mixtral --tasks mytask --include_path my_tasks/""",
     "inspect": """examples:
   ders-peft inspect out/demo/adapter --base out/demo/dense_base --text notes.txt --out out/inspect
   ders-peft inspect out/demo/mixtral --out out/inspect-mixtral""",
@@ -82,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_ppl(add)
     _params(add)
     _inspect(add)
+    _lm_eval(add)
     return parser
 
 
@@ -219,3 +224,14 @@ def _inspect(add) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --text used (default 4096)")
     p.add_argument("--out", required=True, help="output directory (files of the same names are replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _lm_eval(add) -> None:
+    p = add(
+        "lm-eval",
+        "run lm-evaluation-harness (its own arguments) with DeRS registered, so peft=ADAPTER loads a DeRS adapter",
+        "lm-eval's command line, run after `import ders_peft`: every argument after `lm-eval` goes to lm-eval "
+        "unchanged (lm-eval's own help: `ders-peft lm-eval run --help`). Needs lm-eval: pip install "
+        "'ders_peft[eval]'.",
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments of lm-eval (e.g. run --model hf ...)")

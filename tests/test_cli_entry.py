@@ -12,7 +12,7 @@ from ders_peft.compression.config import BITS
 from ders_peft.export import ARCHITECTURES
 from ders_peft_cli import parser as cli_parser
 
-SUBCOMMANDS = ("export", "compress", "train", "eval-ppl", "params", "inspect")
+SUBCOMMANDS = ("export", "compress", "train", "eval-ppl", "params", "inspect", "lm-eval")
 
 _PROBE = """
 import contextlib, io, json, sys

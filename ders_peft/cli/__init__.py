@@ -228,6 +228,20 @@ def _compress(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _lm_eval(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from ..integrations.lm_eval import cli_evaluate
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("ders-peft lm-eval needs lm-eval: pip install 'ders_peft[eval]' (or lm-eval==0.4.13)")
+    try:
+        cli_evaluate(args.lm_eval_args)
+    except SystemExit as stop:  # lm-eval's argparse and its own errors exit
+        return stop.code if isinstance(stop.code, int) else EXIT_REFUSED
+    return EXIT_OK
+
+
 COMMANDS = {
     "export": _export,
     "compress": _compress,
@@ -235,4 +249,5 @@ COMMANDS = {
     "eval-ppl": eval_ppl.run,
     "params": params.run,
     "inspect": inspect.run,
+    "lm-eval": _lm_eval,
 }
