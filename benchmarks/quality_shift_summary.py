@@ -16,7 +16,7 @@ import _common  # noqa: E402
 from ders_peft.atomic import atomic_write_text  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-SOURCES = ("", "_init", "_lrgroups", "_n4r8")
+SOURCES = ("", "_init", "_lrgroups", "_n4r8", "_rest", "_loraplus", "_aux0", "_aux01", "_topk1", "_smsmall")
 
 
 def label(arm: str, settings: dict) -> str:
@@ -26,6 +26,10 @@ def label(arm: str, settings: dict) -> str:
         extra.append("lr x " + ",".join(f"{g}={m:g}" for g, m in settings["lr_groups"]))
     if arm not in ("base", "vanilla", "lora") and settings.get("num_experts") != 8:
         extra.append(f"N={settings['num_experts']}")
+    if arm not in ("base", "dense", "vanilla", "lora") and settings.get("top_k", 2) != 2:
+        extra.append(f"top-{settings['top_k']}")
+    if arm not in ("base", "dense", "lora") and settings.get("aux_coef", 0.01) != 0.01:
+        extra.append(f"aux coef {settings['aux_coef']:g}")
     return arm + (f" ({'; '.join(extra)})" if extra else "")
 
 
