@@ -10,7 +10,6 @@ import inspect
 import json
 import random
 import re
-import textwrap
 
 import pytest
 import torch
@@ -51,40 +50,24 @@ def _write_tasks(root, sentences: list[str]) -> None:
         choices = [" ".join(words[6:])] + [" ".join(t.split()[6:]) for t in others]
         order = rng.sample(range(4), 4)
         mc.append({"context": " ".join(words[:6]), "choices": [choices[k] for k in order], "gold": order.index(0)})
-    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
-    (root / "ppl.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences[24:]))
-    (root / "ders_mc.yaml").write_text(
-        textwrap.dedent(f"""\
-        task: ders_local_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {{test: {root / "mc.jsonl"}}}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{context}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{gold}}}}"
-        metric_list:
-          - metric: acc
-          - metric: acc_norm
-        """)
-    )
-    (root / "ders_ppl.yaml").write_text(
-        textwrap.dedent(f"""\
-        task: ders_local_ppl
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {{test: {root / "ppl.jsonl"}}}
-        test_split: test
-        output_type: loglikelihood_rolling
-        doc_to_text: ""
-        doc_to_target: "{{{{text}}}}"
-        metric_list:
-          - metric: word_perplexity
-          - metric: byte_perplexity
-          - metric: bits_per_byte
-        """)
-    )
+    _write_task(
+        root, "ders_local_mc", mc, 'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"', ["acc", "acc_norm"],
+    )  # fmt: skip
+    _write_task(
+        root, "ders_local_ppl", [{"text": s} for s in sentences[24:]],
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"',
+        ["word_perplexity", "byte_perplexity", "bits_per_byte"],
+    )  # fmt: skip
+
+
+def _write_task(root, name: str, rows: list[dict], prompt: str, metrics: list[str]) -> None:
+    """``name.jsonl`` (the rows) and ``name.yaml``: an lm-eval task over that local file."""
+    data = root / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    header = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\ntest_split: test\n"
+    listed = "".join(f"  - metric: {m}\n" for m in metrics)
+    (root / f"{name}.yaml").write_text(f"{header}{prompt}\nmetric_list:\n{listed}")
 
 
 @pytest.fixture(scope="module")
