@@ -1,6 +1,7 @@
 """Serving exports: what makes an export portable to engines (the 1e-20 shared-expert gate, the tokenizer class, the
 engine-compatibility reasons and warnings), and, where vLLM is installed (the ``serve`` extra), the exported models
-served by vLLM with transformers' greedy tokens."""
+served by vLLM, and where llama-cpp-python and llama.cpp's converter are (``LLAMA_CPP_CONVERT``), converted to GGUF
+and run by llama.cpp, with transformers' greedy tokens."""
 
 from __future__ import annotations
 
@@ -162,3 +163,27 @@ def test_vllm_generates_the_transformers_tokens(tmp_path, arch):
     assert got["tokens"] == want["tokens"]
     assert got["batched_tokens"] == want["tokens"]
 
+
+
+LLAMA_MISSING = serve.engine_missing("llama.cpp")
+LLAMA_CASES = [case for case in serve.CASES if case != "qwen2_moe"]  # qwen2_moe has a dense block: refused
+
+
+@pytest.mark.skipif(LLAMA_MISSING is not None, reason=str(LLAMA_MISSING))
+@pytest.mark.parametrize("case", LLAMA_CASES)
+def test_llama_cpp_generates_the_transformers_tokens(tmp_path, case):
+    """Every case llama.cpp can express (``engine_compatibility`` names no reason) converts to an f32 GGUF whose
+    greedy tokens (f32 KV cache) equal transformers'."""
+    export = serve.build_export(case, tmp_path / case)
+    assert engine_compatibility(export)["llama.cpp"] == []
+    want = serve.transformers_tokens(export, 20)
+    assert serve.transformers_tokens(export, 20, swapped=True)["tokens"] != want["tokens"]
+    assert serve.llama_cpp_tokens(export, 20)["tokens"] == want["tokens"]
+
+
+@pytest.mark.skipif(LLAMA_MISSING is not None, reason=str(LLAMA_MISSING))
+def test_llama_cpp_refuses_a_dense_block_as_engine_compatibility_says(tmp_path):
+    export = serve.build_export("qwen2_moe", tmp_path / "qwen2_moe")
+    assert any("dense" in reason for reason in engine_compatibility(export)["llama.cpp"])
+    with pytest.raises(RuntimeError, match="Can not map tensor"):
+        serve.convert_to_gguf(export, tmp_path / "x.gguf")
