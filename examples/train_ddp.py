@@ -2,6 +2,7 @@
 
     accelerate launch --config_file examples/accelerate_ddp.yaml examples/train_ddp.py --out runs/ddp
     accelerate launch --config_file examples/accelerate_fsdp.yaml examples/train_ddp.py --out runs/fsdp
+    accelerate launch --config_file examples/accelerate_zero3.yaml examples/train_ddp.py --out runs/zero3
 
 On a machine without GPUs the same command runs CPU processes over gloo (``--cpu`` here), which is what
 ``tests/test_distributed.py`` does with a tiny Llama built from a config (offline). On GPUs drop ``--cpu`` and set
@@ -9,7 +10,7 @@ On a machine without GPUs the same command runs CPU processes over gloo (``--cpu
 
 What it writes under ``--out`` (used by the test):
 - ``log_history.json`` (rank 0): the Trainer's logs (``loss``, ``router_aux_loss``, ``router_z_loss`` per step);
-- ``rank{R}_params.safetensors``: every trainable parameter after training, full (FSDP: gathered), per rank;
+- ``rank{R}_params.safetensors``: every trainable parameter after training, full (FSDP, ZeRO-3: gathered), per rank;
 - ``rank{R}_inputs.pt``: the inputs of every training forward of that rank;
 - ``rank0_grads_step1.safetensors`` (DDP only): the DeRS gradients of the first optimizer step after DDP's
   all-reduce (``max_grad_norm=0``: unclipped);
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import ders_peft
+from ders_peft.integrations.deepspeed import gathered
 
 VOCAB, SEQ_LEN, NUM_SEQUENCES = 64, 16, 32
 
@@ -104,12 +106,14 @@ def decoder_layers(model) -> list[str]:
 
 
 def full_trainable_state(model) -> dict[str, torch.Tensor]:
-    """Every trainable parameter in full (FSDP2 shards them as DTensors: gathered), fp32 on CPU."""
+    """Every trainable parameter in full (FSDP2 shards them as DTensors, ZeRO-3 partitions them: gathered), fp32 on
+    CPU. Under ZeRO-3 every rank must call it (the gather is collective)."""
     out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            t = p.detach()
-            out[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).float().cpu().clone()
+    with gathered(model):
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                t = p.detach()
+                out[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).float().cpu().clone()
     return out
 
 

@@ -42,13 +42,14 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _launch(out: Path, *script_args: str) -> None:
+def _launch(out: Path, *script_args: str, config: Path = EXAMPLES / "accelerate_ddp.yaml") -> None:
     """``accelerate launch --config_file examples/accelerate_ddp.yaml`` with 2 CPU processes (gloo)."""
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "accelerate_ddp.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
         "--main_process_port", str(_free_port()), str(EXAMPLES / "train_ddp.py"), "--out", str(out), *script_args,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    env = {**_env(), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
@@ -265,29 +266,108 @@ ZERO3_SCRIPT = textwrap.dedent(
             for (n, p), (rn, rp) in zip(layer.named_parameters(), ref.named_parameters()):
                 if "ders_" in n:
                     assert n == rn and torch.equal(p, rp), n
-        # a forward through the ZeRO-3 engine (it gathers each DeRS layer's parameters: leaf module) = the
-        # unpartitioned model's
+        # training through the ZeRO-3 engine (it gathers each DeRS layer's parameters: leaf module) = the
+        # unpartitioned model's: the losses of 2 SGD steps, then every trainable tensor
         params = [p for p in peft_model.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(
             model=peft_model, config={**ds_config, "zero_allow_untested_optimizer": True},
             optimizer=torch.optim.SGD(params, lr=0.1),
         )
-        ids = torch.arange(32).view(2, 16) % 97
-        got = float(engine(input_ids=ids, labels=ids).loss)
         reference.train()
-        want = float(reference(input_ids=ids, labels=ids).loss)
-        assert abs(got - want) < 1e-5, (got, want)
+        ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1)
+        initial = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+        ids = torch.arange(32).view(2, 16) % 97
+        for step in range(2):
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            ref_opt.zero_grad()
+            ref_loss = reference(input_ids=ids, labels=ids).loss
+            ref_loss.backward()
+            ref_opt.step()
+            got, want = float(loss), float(ref_loss)
+            assert abs(got - want) < 1e-5, (step, got, want)
+        with gathered(peft_model):
+            trained = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        moved = 0.0
+        for n, rp in reference.named_parameters():
+            if rp.requires_grad:
+                assert torch.allclose(trained[n], rp, atol=1e-5), (n, (trained[n] - rp).abs().max())
+                moved = max(moved, float((rp - initial[n]).abs().max()))
+        assert moved > 1e-4, moved  # the steps changed the trainable tensors
         print("OK", settings["delta_type"], got, want)
     """
 )
 
 
 @pytest.mark.skipif(_deepspeed_missing() is not None, reason=str(_deepspeed_missing()))
-def test_zero3_injection_copies_the_gathered_base_weights():
+def test_zero3_injection_and_training_equal_the_unpartitioned_run():
     """Under ``deepspeed.zero.Init`` every weight is a shard; injection gathers each FFN block to read shapes and
-    copy the base (train_base copy, ``full`` experts), so the DeRS tensors equal an unpartitioned injection's."""
+    copy the base (train_base copy, ``full`` experts), so the DeRS tensors equal an unpartitioned injection's; two
+    SGD steps through the ZeRO-3 engine give the unpartitioned model's losses and trainable tensors (the first
+    block's input needs no gradient there: ``zero3_input_needs_grad``)."""
     env = {**_env(), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     cmd = [sys.executable, "-c", ZERO3_SCRIPT, str(_free_port()), str(ROOT / "tests")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("OK") == 2, proc.stdout
+
+
+def test_zero3_hook_makes_the_input_need_grad_only_when_partitioned():
+    """The pre-hook that lets ZeRO-3 reduce a leaf DeRS layer's gradients after they exist: only partitioned
+    (``ds_id``), grad-enabled forwards with an input that needs no gradient get a grad-requiring alias (same values);
+    the layer's output is unchanged."""
+    from ders_testing import ders_layers, tiny_model
+
+    from ders_peft.integrations.deepspeed import zero3_input_needs_grad
+
+    model = get_peft_model(tiny_model("llama", seed=0), ders_peft.DeRSConfig(num_experts=3, top_k=2, rank=2))
+    layer = ders_layers(model)[0]
+    x = torch.randn(2, 5, model.config.hidden_size)
+    assert zero3_input_needs_grad(layer, (x,)) is None  # not partitioned: inputs untouched
+    want = layer(x)
+    for p in layer.parameters():
+        p.ds_id = 0
+    try:
+        (alias,) = zero3_input_needs_grad(layer, (x,))
+        assert alias.requires_grad and not x.requires_grad and alias.data_ptr() == x.data_ptr()
+        got = layer(x)  # the hook runs inside the call: same output, now differentiable w.r.t. the input alias
+        assert torch.equal(got, want)
+        with torch.no_grad():
+            assert zero3_input_needs_grad(layer, (x,)) is None
+        assert zero3_input_needs_grad(layer, (x.requires_grad_(),)) is None  # already needs grad
+    finally:
+        for p in layer.parameters():
+            del p.ds_id
+
+
+@pytest.mark.skipif(_deepspeed_missing() is not None, reason=str(_deepspeed_missing()))
+def test_zero3_two_processes_train_like_ddp(ddp_run, tmp_path):
+    """``accelerate launch`` with DeepSpeed ZeRO-3 (examples/accelerate_zero3.yaml on CPU: 2 processes, every
+    parameter partitioned) and HF Trainer: the same run as DDP's gives DDP's losses, identical ranks, and an adapter
+    with DDP's layout and values (up to the reduction order, which AdamW amplifies on near-zero gradients)."""
+    ds_json = tmp_path / "zero3.json"
+    ds_json.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # partition even tiny tensors
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    }))  # fmt: skip
+    yaml = (EXAMPLES / "accelerate_zero3.yaml").read_text()
+    yaml = yaml.replace("use_cpu: false", "use_cpu: true")
+    ignored = ("zero_stage", "offload_", "gradient_", "zero3_save", "mixed_precision")  # set by the JSON file instead
+    lines = [line for line in yaml.splitlines() if not line.lstrip().startswith(ignored)]
+    lines.insert(lines.index("deepspeed_config:") + 1, f"  deepspeed_config_file: {ds_json}")
+    (tmp_path / "zero3_cpu.yaml").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    _launch(out, "--cpu", "--steps", "8", "--lr", "5e-2", config=tmp_path / "zero3_cpu.yaml")
+    logs = [json.loads((d / "log_history.json").read_text()) for d in (out, ddp_run)]
+    losses = [[e["loss"] for e in log if "loss" in e] for log in logs]
+    assert len(losses[0]) == 8 and max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses
+    assert _max_diff(load_file(out / "rank0_params.safetensors"), load_file(out / "rank1_params.safetensors")) == 0
+    got_files, got_shapes, got_config = _layout(out / "adapter")
+    assert (got_files, got_shapes, got_config) == _layout(ddp_run / "adapter")
+    got = load_file(out / "adapter" / "adapter_model.safetensors")
+    want = load_file(ddp_run / "adapter" / "adapter_model.safetensors")
+    start = load_file(ddp_run / "init_params.safetensors")
+    start = {ders_peft.DeRSModel._remove_adapter_name_from_key(n, "default"): t for n, t in start.items()}
+    moved = max(float((want[k] - start[k]).abs().max()) for k in start)
+    assert moved > 0.1 and _max_diff(got, want) < 0.02 * moved

@@ -10,6 +10,13 @@ In training, a :class:`~ders_peft.layer.DeRSLayer` is a ZeRO-3 *leaf module* (``
 ``deepspeed.utils.set_z3_leaf_modules`` sets, as for transformers' MoE blocks): its forward reads its children's
 weights (routers, delta factors, base copy, the dense block) directly, without calling their ``forward`` where
 ZeRO-3 would gather them, so DeepSpeed gathers all of the layer's parameters when the layer's forward starts.
+
+ZeRO-3 reduces a leaf module's gradients in a full backward hook, which fires once the gradient of the module's input
+is computed; when the input needs no gradient (the first upcycled block of a peft model whose attention and
+embeddings are frozen) it fires as soon as the output's gradient arrives, before the layer's own parameter gradients
+exist, and their later accumulation meets an already-reduced (empty) gradient. :func:`zero3_input_needs_grad` (a
+forward pre-hook of every DeRS layer) makes such an input require a gradient while the layer's parameters are
+partitioned and autograd is on; it changes no value, and costs the input's gradient in that block only.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
@@ -37,3 +45,17 @@ def gathered(module: nn.Module) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def zero3_input_needs_grad(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: under ZeRO-3 (``module``'s parameters carry ``ds_id``) in a grad-enabled forward, return
+    ``args`` with a first tensor that requires grad (a detached alias of the input: same values, no copy); otherwise
+    None (inputs unchanged). See the module docstring for why."""
+    if not args or not torch.is_grad_enabled():
+        return None
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.requires_grad or not x.is_floating_point():
+        return None
+    if not hasattr(next(module.parameters(), None), "ds_id"):  # ZeRO-3 partitions every parameter
+        return None
+    return (x.detach().requires_grad_(), *args[1:])
