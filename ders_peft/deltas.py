@@ -340,7 +340,13 @@ class QuantizedDelta(Delta):
         codes = torch.zeros(*shape, packing.packed_bytes(in_features, bits), dtype=torch.uint8, device=device)
         self.register_buffer("codes", codes)
         groups = packing.num_groups(in_features, group_size)
-        self.scales = nn.Parameter(torch.zeros(*shape, groups, dtype=torch.float32, device=device))
+        # a leaf module's ``.weight`` (as every trainable DeRS tensor), so peft's FSDP wrap policy wraps it
+        self.scale_factors = _Factor(torch.zeros(*shape, groups, dtype=torch.float32, device=device))
+
+    @property
+    def scales(self) -> nn.Parameter:
+        """The trainable float32 scales ``(E, out, groups)`` (``scale_factors.weight``)."""
+        return self.scale_factors.weight
 
     @property
     def param_dtype(self) -> torch.dtype:

@@ -147,7 +147,12 @@ class DeRSModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """peft's key remapping, then a ``ValueError`` if the DeRS tensors do not fit the model's DeRS layers."""
+        """peft's key remapping, then a ``ValueError`` if the DeRS tensors do not fit the model's DeRS layers.
+        Quantized deltas' scales saved by earlier versions as ``...scales`` load as ``...scale_factors.weight``."""
+        state_dict = {
+            (k[: -len("scales")] + "scale_factors.weight" if ".ders_delta." in k and k.endswith(".scales") else k): v
+            for k, v in state_dict.items()
+        }
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )

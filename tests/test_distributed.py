@@ -163,14 +163,15 @@ def test_ddp_adapter_has_the_single_process_layout(ddp_run, tmp_path):
         dict(delta_type="full"),
         dict(delta_type="lowrank", shared_expert=True, universal_delta_type="full"),
         dict(delta_type="lowrank", shared_expert=True, shared_expert_gate=True),
+        dict(delta_type="quantized", bits=2, group_size=8),
     ],
     ids=lambda s: "-".join(str(v) for v in s.values()),
 )
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D projections with biases (per-expert biases)
 def test_fsdp_wrap_policy_gives_every_trainable_tensor_its_own_unit(family, settings):
     """peft's ``fsdp_auto_wrap_policy`` (what Trainer's FSDP1 uses for a PeftModel) wraps leaf modules with a
-    trainable ``.weight``: every DeRS trainable tensor must be such a leaf's ``.weight``. (``quantized`` deltas are
-    not covered: their trainable ``scales`` are not a ``.weight``.)"""
+    trainable ``.weight``: every DeRS trainable tensor must be such a leaf's ``.weight`` (quantized deltas' scales
+    included)."""
     model = get_peft_model(tiny_model(family), ders_peft.DeRSConfig(num_experts=3, top_k=2, rank=2, **settings))
     picked = set(train_ddp.wrapped_by_policy(model))
     modules = dict(model.named_modules())

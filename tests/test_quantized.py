@@ -314,6 +314,29 @@ def test_save_and_reload(bits, group_size, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=0, rtol=0)
 
 
+def test_adapter_saved_with_the_old_scales_key_reloads(tmp_path):
+    """The scales are a leaf's ``.weight`` now (``scale_factors.weight``, for peft's FSDP policy); an adapter written
+    before that, with ``...scales`` keys, loads to the same scales and logits."""
+    from safetensors.torch import save_file
+
+    model = quantized_model(2, None)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    stored = load_file(str(path))
+    new_keys = [k for k in stored if k.endswith(".scale_factors.weight")]
+    assert len(new_keys) == 2 * 3 and not any(k.endswith(".scales") for k in stored)
+    save_file({k.replace(".scale_factors.weight", ".scales"): v for k, v in stored.items()}, str(path))
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    for a, b in zip(ders_layers(model), ders_layers(reloaded), strict=True):
+        for name, da in a.ders_delta["default"].items():
+            assert torch.equal(da.scales, b.ders_delta["default"][name].scales)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=0, rtol=0)
+
+
 def test_merge_and_export_give_the_same_logits(tmp_path):
     model = quantized_model(3, 16)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
