@@ -15,6 +15,7 @@ from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, UniversalFullDelta
 from .functional import routed_ffn
 from .integrations.deepspeed import zero3_input_needs_grad
+from .integrations.fsdp import explain_sharded_read
 from .routing import Router, RoutingPlan, inject_aux_loss, load_balancing_loss, route, z_loss
 
 
@@ -257,18 +258,24 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
             out_base = None if deltas[out_name].replaces_base else self.base_weight(adapter, out_name)
         biases = self.ders_bias[adapter] if adapter in self.ders_bias else {}
         bias = {n: (biases[n].weight if n in biases else None) for n in self.layout.projs}
-        y = routed_ffn(
-            xf,
-            plan,
-            in_base,
-            out_base,
-            [deltas[n] for n in self.layout.in_projs],
-            deltas[self.layout.out_proj],
-            [bias[n] for n in self.layout.in_projs],
-            bias[self.layout.out_proj],
-            ffn.activation(self.base_layer, self.layout),
-            self.layout.gated,
-        )
+        try:
+            y = routed_ffn(
+                xf,
+                plan,
+                in_base,
+                out_base,
+                [deltas[n] for n in self.layout.in_projs],
+                deltas[self.layout.out_proj],
+                [bias[n] for n in self.layout.in_projs],
+                bias[self.layout.out_proj],
+                ffn.activation(self.base_layer, self.layout),
+                self.layout.gated,
+            )
+        except RuntimeError as err:  # FSDP units inside the layer: say why and what to do instead
+            better = explain_sharded_read(self, err)
+            if better is err:
+                raise
+            raise better from err
         return ffn.output_dropout(self.base_layer, self.layout, y.view(*shape[:-1], y.shape[-1]))
 
     def _check_settings(self, adapter: str, config: DeRSConfig) -> None:

@@ -118,29 +118,42 @@ def full_trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def fsdp_loop(args) -> None:
-    """FSDP2 (``fully_shard``) with plain SGD, in torch directly: accelerate's FSDP plugin (what ``Trainer`` uses)
-    refuses CPU processes and FSDP1 needs an accelerator, so this is how FSDP runs without GPUs (gloo).
+    """FSDP with plain SGD, in torch directly: accelerate's FSDP plugin (what ``Trainer`` uses) refuses CPU
+    processes, so this is how FSDP runs without GPUs (gloo). ``--fsdp-version 2`` (default): ``fully_shard``;
+    ``1``: ``FullyShardedDataParallel`` with ``use_orig_params=True`` (a unit then may mix frozen and trainable
+    tensors, as a decoder layer with a DeRS layer does).
 
-    ``--wrap layers`` (default) shards each decoder layer, then the root, as accelerate's FSDP2 does; ``--wrap peft``
-    gives every module peft's ``fsdp_auto_wrap_policy`` picks its own unit (each DeRS router, delta factor, ...):
-    that fails, because a DeRS layer reads those tensors without calling their modules' ``forward`` (where FSDP
-    gathers a unit's parameters)."""
+    ``--wrap layers`` (default) shards each decoder layer, then the root, as accelerate's TRANSFORMER_BASED_WRAP does;
+    ``--wrap peft`` gives every module peft's ``fsdp_auto_wrap_policy`` picks its own unit (each DeRS router, delta
+    factor, ...; what ``Trainer`` sets for a PeftModel under FSDP1): that fails with a ``RuntimeError`` naming the
+    fix, because a DeRS layer reads those tensors without calling their modules' ``forward`` (where FSDP gathers a
+    unit's parameters)."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
     model = build_model()
     if rank == 0:
         save_file(trainable_state(model), str(args.out / "init_params.safetensors"))
     model.train()
     units = wrapped_by_policy(model) if args.wrap == "peft" else decoder_layers(model)
     modules = dict(model.named_modules())
-    for name in sorted(units, key=lambda n: -n.count(".")):  # innermost first, as FSDP's auto-wrapping does
-        fully_shard(modules[name], mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if args.fsdp_version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        unit_ids = {id(modules[n]) for n in units}
+        model = FullyShardedDataParallel(
+            model, auto_wrap_policy=lambda module, recurse, **_: recurse or id(module) in unit_ids,
+            device_id=torch.device("cpu"), use_orig_params=True,
+        )  # fmt: skip
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for name in sorted(units, key=lambda n: -n.count(".")):  # innermost first, as FSDP's auto-wrapping does
+            fully_shard(modules[name], mesh=mesh)
+        fully_shard(model, mesh=mesh)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     losses = []
     for step in range(args.steps):
@@ -151,8 +164,16 @@ def fsdp_loop(args) -> None:
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(float(mean) / world)
-    local = {n: tuple(p.to_local().shape) for n, p in model.named_parameters() if p.requires_grad}
-    save_file(full_trainable_state(model), str(args.out / f"rank{rank}_params.safetensors"))
+    if args.fsdp_version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        local = {unwrap_name(n): tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            state = {unwrap_name(n): t for n, t in trainable_state(model).items()}
+    else:
+        local = {n: tuple(p.to_local().shape) for n, p in model.named_parameters() if p.requires_grad}
+        state = full_trainable_state(model)
+    save_file(state, str(args.out / f"rank{rank}_params.safetensors"))
     if rank == 0:
         info = {"units": units, "local_shapes": local, "losses": losses, "world_size": world}
         (args.out / "fsdp.json").write_text(json.dumps(info, indent=1))
@@ -185,9 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--cpu", action="store_true", help="train on CPU processes (gloo) even if GPUs are visible")
     parser.add_argument(
-        "--fsdp-torch", action="store_true", help="FSDP2 in torch directly with SGD (no Trainer; runs on CPU, gloo)"
+        "--fsdp-torch", action="store_true", help="FSDP in torch directly with SGD (no Trainer; runs on CPU, gloo)"
     )
     parser.add_argument("--wrap", choices=("layers", "peft"), default="layers", help="FSDP units of --fsdp-torch")
+    parser.add_argument("--fsdp-version", type=int, choices=(1, 2), default=2, help="FSDP1 or FSDP2 (--fsdp-torch)")
     args = parser.parse_args(argv)
     if "RANK" in os.environ:  # one thread per process on a shared CPU; a single in-process run keeps the caller's
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -185,16 +185,17 @@ def test_fsdp_wrap_policy_gives_every_trainable_tensor_its_own_unit(family, sett
     assert layers and layers <= picked  # and the decoder layers, as transformer-based wrapping
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp")
-    _launch(out, "--fsdp-torch", "--steps", "3", "--lr", "0.5")
+@pytest.fixture(scope="module", params=["2", "1"], ids=["fsdp2", "fsdp1"])
+def fsdp_run(tmp_path_factory, request) -> Path:
+    out = tmp_path_factory.mktemp(f"fsdp{request.param}")
+    _launch(out, "--fsdp-torch", "--fsdp-version", request.param, "--steps", "3", "--lr", "0.5")
     return out
 
 
-def test_fsdp2_training_equals_single_process(fsdp_run):
-    """FSDP2 (decoder layers sharded, as accelerate's FSDP2 does) over 2 gloo processes with SGD gives the
-    parameters of one process accumulating both ranks' batches (router-loss gradient scale 1/2 each)."""
+def test_fsdp_training_equals_single_process(fsdp_run):
+    """FSDP2, and FSDP1 with ``use_orig_params=True`` (decoder layers sharded, as accelerate's TRANSFORMER_BASED_WRAP
+    does) over 2 gloo processes with SGD give the parameters of one process accumulating both ranks' batches
+    (router-loss gradient scale 1/2 each)."""
     info = json.loads((fsdp_run / "fsdp.json").read_text())
     assert info["world_size"] == WORLD and len(info["units"]) == 2
     init = load_file(fsdp_run / "init_params.safetensors")
@@ -217,6 +218,20 @@ def test_fsdp2_training_equals_single_process(fsdp_run):
         want = train_ddp.trainable_state(model)
     assert _max_diff(ranks[0], want) < 1e-5
     assert _max_diff(ranks[0], init) > 1e-3
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_fsdp_units_inside_a_ders_layer_fail_naming_the_fix(version, tmp_path):
+    """peft's per-leaf policy (what Trainer sets for a PeftModel under FSDP1) makes each DeRS tensor its own unit; the
+    layer reads them unsharded only inside the whole layer's unit, so training stops with an error naming the fix."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+        str(_free_port()), str(EXAMPLES / "train_ddp.py"), "--fsdp-torch", "--fsdp-version", version, "--wrap",
+        "peft", "--steps", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "computed on FSDP-sharded tensors" in proc.stderr and "fsdp_version: 2" in proc.stderr, proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------------- DeepSpeed
