@@ -14,7 +14,7 @@ from . import decode, ffn
 from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, UniversalFullDelta
 from .functional import routed_ffn
-from .integrations.deepspeed import zero3_input_needs_grad
+from .integrations.deepspeed import deepspeed_installed, zero3_input_needs_grad
 from .integrations.fsdp import explain_sharded_read
 from .routing import Router, RoutingPlan, inject_aux_loss, load_balancing_loss, route, z_loss
 
@@ -122,7 +122,8 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
         # DeepSpeed ZeRO-3 leaf module (what deepspeed.utils.set_z3_leaf_modules sets): forward reads the children's
         # weights without calling their forward, so ZeRO-3 must gather the whole layer's parameters at its forward
         self._z3_leaf = True
-        self.register_forward_pre_hook(zero3_input_needs_grad)  # before DeepSpeed's hooks (see the function)
+        if deepspeed_installed():  # before DeepSpeed's hooks (see the function); no hook, no cost, without it
+            self.register_forward_pre_hook(zero3_input_needs_grad)
         self.update_layer(adapter_name, config)
 
     # ------------------------------------------------------------------ construction

@@ -15,13 +15,16 @@ ZeRO-3 reduces a leaf module's gradients in a full backward hook, which fires on
 is computed; when the input needs no gradient (the first upcycled block of a peft model whose attention and
 embeddings are frozen) it fires as soon as the output's gradient arrives, before the layer's own parameter gradients
 exist, and their later accumulation meets an already-reduced (empty) gradient. :func:`zero3_input_needs_grad` (a
-forward pre-hook of every DeRS layer) makes such an input require a gradient while the layer's parameters are
-partitioned and autograd is on; it changes no value, and costs the input's gradient in that block only.
+forward pre-hook of every DeRS layer, registered only where DeepSpeed is installed: a hook makes every module call
+take torch's slower path) makes such an input require a gradient while the layer's parameters are partitioned and
+autograd is on; it changes no value, and costs the input's gradient in that block only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -45,6 +48,12 @@ def gathered(module: nn.Module) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+@functools.cache
+def deepspeed_installed() -> bool:
+    """Whether DeepSpeed can be imported here (looked up once, without importing it)."""
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def zero3_input_needs_grad(module: nn.Module, args: tuple) -> tuple | None:
