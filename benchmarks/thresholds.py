@@ -4,10 +4,11 @@
    rank) take the stacked-and-masked path (``lowrank_routed_ffn``), wider ones the path grouped by expert
    (``grouped_path.grouped_routed_ffn``). Measured: one DeRS FFN layer (SwiGLU, trainable base copy), forward +
    backward, for several (experts, rank), each path forced, relative to the dense FFN layer's forward + backward.
-2. ``grouped_path.GATHER_DENSITY``: up to that density a sparse delta's products gather/``index_add``, above it they
-   run as CSR products. Measured: one expert's three training products (``add_product``, ``grad_input``,
-   ``add_grad_params`` of ``SparseOp``) on ``rows x in -> out`` in both modes, for several densities, next to the same
-   three products with a dense matrix.
+2. ``grouped_path.GATHER_DENSITY`` and ``grouped_path.DENSE_DENSITY``: up to the first a sparse delta's products
+   gather/``index_add``, up to the second they run as CSR products, above it on one expert's transient dense matrix.
+   Measured: one expert's three training products (``add_product``, ``grad_input``, ``add_grad_params`` of
+   ``SparseOp``) on ``rows x in -> out`` in the three modes, for several densities, next to the same three products
+   with a prebuilt dense matrix (reference).
 
 Every arm of one comparison is timed in interleaved rounds (``_common.round_robin``), so a change of load on the
 shared machine hits all arms alike; the reported time is the median. The arms of each comparison are first checked to
@@ -43,7 +44,7 @@ FULL = {
     "top_k": 2,
     "lowrank": [(4, 4), (8, 4), (16, 4), (4, 16), (8, 16), (16, 16)],  # (experts, rank)
     "rows": 1024,
-    "densities": [0.0005, 0.001, 0.002, 0.004, 0.01, 0.1],
+    "densities": [0.0005, 0.001, 0.002, 0.004, 0.01, 0.02, 0.05, 0.1, 0.2],
     "reps": 7,
 }
 QUICK = {
@@ -53,7 +54,7 @@ QUICK = {
     "top_k": 2,
     "lowrank": [(4, 4), (16, 8)],
     "rows": 64,
-    "densities": [0.002, 0.05],
+    "densities": [0.002, 0.05, 0.2],
     "reps": 2,
 }
 
@@ -172,12 +173,14 @@ def _sparse_arm(op: SparseOp, params: tuple, inp: torch.Tensor, grad: torch.Tens
 
 
 def _op(delta: SparseDelta, mode: str) -> SparseOp:
-    saved = grouped_path.GATHER_DENSITY
+    """The op of ``delta`` in ``mode`` (gather, csr, dense), whatever its density."""
+    saved = grouped_path.GATHER_DENSITY, grouped_path.DENSE_DENSITY
     grouped_path.GATHER_DENSITY = 2.0 if mode == "gather" else -1.0
+    grouped_path.DENSE_DENSITY = -1.0 if mode == "dense" else 2.0
     try:
         return SparseOp.of(delta)
     finally:
-        grouped_path.GATHER_DENSITY = saved
+        grouped_path.GATHER_DENSITY, grouped_path.DENSE_DENSITY = saved
 
 
 def sparse_part(settings: dict, log) -> dict:
@@ -204,13 +207,14 @@ def sparse_part(settings: dict, log) -> dict:
         arms = {
             "gather": _sparse_arm(_op(delta, "gather"), params, inp, grad, inter),
             "csr": _sparse_arm(_op(delta, "csr"), params, inp, grad, inter),
+            "dense_mode": _sparse_arm(_op(delta, "dense"), params, inp, grad, inter),
             "dense": dense_run,
         }
         ref = arms["dense"]()
-        diff = max(_max_diff(arms[m](), ref) for m in ("gather", "csr"))
+        diff = max(_max_diff(arms[m](), ref) for m in ("gather", "csr", "dense_mode"))
         scale = max(float(t.abs().max()) for t in ref)
         if diff > 1e-4 * max(scale, 1.0):
-            raise RuntimeError(f"density {density}: gather / CSR / dense products differ by {diff:.3g}")
+            raise RuntimeError(f"density {density}: gather / CSR / dense-mode / dense products differ by {diff:.3g}")
         log(f"density {density:g} (nnz {delta.nnz}): modes agree to {diff:.2e}")
         times = _common.round_robin(arms, settings["reps"], warmup=1, log=log)
         med = {name: _common.median(t) for name, t in times.items()}
@@ -224,9 +228,17 @@ def sparse_part(settings: dict, log) -> dict:
                 "faster": "gather" if med["gather"] < med["csr"] else "csr",
                 "csr_over_gather": med["csr"] / med["gather"],
                 "gather_won_rounds": _rounds_won(times, "gather", "csr"),
+                "faster_csr_dense": "csr" if med["csr"] < med["dense_mode"] else "dense_mode",
+                "dense_mode_over_csr": med["dense_mode"] / med["csr"],
+                "csr_won_rounds": _rounds_won(times, "csr", "dense_mode"),
             }
         )
-    return {"rows": rows, **_crossover(rows, "density", "gather", "csr")}
+    dense_rows = [{"density": r["density"], "faster": r["faster_csr_dense"]} for r in rows]
+    return {
+        "rows": rows,
+        **_crossover(rows, "density", "gather", "csr"),
+        "csr_vs_dense": _crossover(dense_rows, "density", "csr", "dense_mode"),
+    }
 
 
 def _rounds_won(times: dict[str, list[float]], arm: str, other: str) -> int:
@@ -258,6 +270,7 @@ def _pages(result: dict) -> str:
     lr, sp = result["lowrank"], result["sparse"]
     s = result["settings"]
     cur_cols, cur_density = result["constants"]["STACKED_MAX_COLUMNS"], result["constants"]["GATHER_DENSITY"]
+    cur_dense = result["constants"]["DENSE_DENSITY"]
     lr_rows = [
         [
             r["experts"],
@@ -278,10 +291,13 @@ def _pages(result: dict) -> str:
             r["nnz"],
             f"{r['median_s']['gather'] * 1e3:.2f}",
             f"{r['median_s']['csr'] * 1e3:.2f}",
+            f"{r['median_s']['dense_mode'] * 1e3:.2f}",
             f"{r['median_s']['dense'] * 1e3:.2f}",
             f"{r['csr_over_gather']:.2f}",
             f"{r['gather_won_rounds']} / {s['reps']}",
-            r["faster"],
+            f"{r['dense_mode_over_csr']:.2f}",
+            f"{r['csr_won_rounds']} / {s['reps']}",
+            min(("gather", "csr", "dense_mode"), key=lambda m: r["median_s"][m]),
         ]
         for r in sp["rows"]
     ]
@@ -300,7 +316,7 @@ def _pages(result: dict) -> str:
         return f"{bracket}; `{name}` = {constant:g}{unit} {where}."
 
     lines = [
-        "# Crossovers behind STACKED_MAX_COLUMNS and GATHER_DENSITY",
+        "# Crossovers behind STACKED_MAX_COLUMNS, GATHER_DENSITY and DENSE_DENSITY",
         "",
         "Generated by `python benchmarks/thresholds.py` (numbers in "
         "[benchmarks_thresholds.json](benchmarks_thresholds.json)). "
@@ -349,12 +365,14 @@ def _pages(result: dict) -> str:
         )
         + ("" if lr["consistent"] else " The winners alternate along E x r (within the timing noise)."),
         "",
-        "## Gather/index_add vs CSR sparse products (`grouped_path.GATHER_DENSITY`)",
+        "## Gather/index_add vs CSR vs transient dense sparse products (`grouped_path.GATHER_DENSITY`, "
+        "`DENSE_DENSITY`)",
         "",
         f"One expert's three training products (`SparseOp.add_product`, `grad_input`, `add_grad_params`) on "
-        f"{s['rows']} slot rows, {s['hidden']} -> {s['intermediate']}, in gather mode and in CSR mode, next to the "
-        "same three products with the dense matrix (reference; the training path never builds it). Times in ms "
-        "for the three together; rounds gather faster counted as above.",
+        f"{s['rows']} slot rows, {s['hidden']} -> {s['intermediate']}, in gather mode, CSR mode and dense mode (the "
+        "expert's values scattered into a transient dense matrix for each product, its value gradient read from the "
+        "dense `grad^T inp`), next to the same three products with a prebuilt dense matrix (reference). Times in ms "
+        "for the three together; rounds won counted as above.",
         "",
         _common.markdown_table(
             [
@@ -362,10 +380,13 @@ def _pages(result: dict) -> str:
                 "nnz",
                 "gather (ms)",
                 "CSR (ms)",
-                "dense (ms)",
+                "dense mode (ms)",
+                "prebuilt dense (ms)",
                 "CSR / gather",
-                "rounds gather faster",
-                "faster",
+                "rounds gather faster than CSR",
+                "dense mode / CSR",
+                "rounds CSR faster than dense mode",
+                "fastest",
             ],
             sp_rows,
         ),
@@ -373,6 +394,17 @@ def _pages(result: dict) -> str:
         "Crossover: "
         + verdict("gather", "CSR", sp["gather_wins_up_to"], sp["csr_wins_from"], cur_density, "GATHER_DENSITY")
         + ("" if sp["consistent"] else " The winners alternate along the density (within the timing noise)."),
+        "",
+        "Crossover: "
+        + verdict(
+            "CSR",
+            "dense mode",
+            sp["csr_vs_dense"]["csr_wins_up_to"],
+            sp["csr_vs_dense"]["dense_mode_wins_from"],
+            cur_dense,
+            "DENSE_DENSITY",
+        )
+        + ("" if sp["csr_vs_dense"]["consistent"] else " The winners alternate along the density."),
         "",
     ]
     return "\n".join(lines)
@@ -410,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "constants": {
             "STACKED_MAX_COLUMNS": functional.STACKED_MAX_COLUMNS,
             "GATHER_DENSITY": grouped_path.GATHER_DENSITY,
+            "DENSE_DENSITY": grouped_path.DENSE_DENSITY,
         },
     }
     try:

@@ -171,7 +171,8 @@ class SparseDelta(Delta):
 
     ``forward`` (the interface, used by tests and as the generic reference) gathers the input columns each expert's
     delta reads and adds into the rows it writes; the routed layer runs :mod:`ders_peft.grouped_path` instead (CSR
-    products for denser deltas, recomputation in backward). Neither builds a dense per-expert matrix.
+    products for denser deltas, one expert's transient dense matrix at a time above ``DENSE_DENSITY``, recomputation
+    in backward). Neither builds every expert's dense matrix.
     """
 
     kind = "sparse"

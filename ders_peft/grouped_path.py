@@ -2,11 +2,11 @@
 
 The slots are permuted by expert once; each expert's delta then works on its own contiguous run of slots, through
 the kind's :class:`ExpertOp` (sparse: gather/``index_add`` up to :data:`GATHER_DENSITY`, torch.sparse CSR products
-above, never a dense per-expert matrix; low-rank: two thin matmuls; quantized: one expert's dequantized matrix at a
-time). The base projections run once per token, the
-base down projection once on the router-weighted mix. As in the stacked low-rank path, nothing of size ``(slots,
-intermediate)`` is stored for backward: the per-slot pre-activations are recomputed there. A new delta kind joins by
-registering an op in :data:`EXPERT_OPS`.
+up to :data:`DENSE_DENSITY`, above it one expert's values scattered into a transient dense matrix at a time, never all
+experts' matrices; low-rank: two thin matmuls; quantized: one expert's dequantized matrix at a time). The base
+projections run once per token, the base down projection once on the router-weighted mix. As in the stacked
+low-rank path, nothing of size ``(slots, intermediate)`` is stored for backward: the per-slot pre-activations are
+recomputed there. A new delta kind joins by registering an op in :data:`EXPERT_OPS`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ deltas use sparse CSR matrix products. Measured by ``benchmarks/thresholds.py`` 
 2026-12-03: one expert's forward, input-gradient and value-gradient products, 1024 rows, 512 -> 1408, one thread;
 gather / CSR): 0.1%: 10.9 / 31.6 ms; 0.2%: 19.0 / 26.2 ms; 0.4%: 31.3 / 29.1 ms; 1%: 137 / 37 ms; 10%: 1637 / 59 ms
 (the dense matrix's three products: 41 ms). The crossover lies between 0.2% and 0.4%."""
+
+DENSE_DENSITY = 0.03
+"""Above this density a delta's products scatter one expert's values into a transient dense ``(out, in)`` matrix and
+run dense matmuls (its value gradient: the dense ``grad^T inp`` read at the fixed positions). No index layout is
+cached in this mode, and only one expert's matrix exists at a time. Measured by ``benchmarks/thresholds.py``
+(docs/benchmarks_thresholds.md, 2026-12-03, same products and shape as above; CSR / dense mode): 1%: 28.9 / 32.8 ms;
+2%: 29.5 / 34.3 ms; 5%: 38.6 / 33.5 ms; 10%: 50.5 / 34.3 ms; 20%: 82.5 / 36.7 ms. The crossover lies between 2% and
+5%."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +122,12 @@ class SparseOp(ExpertOp):
     in_features: int
     csr: _CSRLayout | None  # CSR mode
     delta: SparseDelta | None = None  # CSR mode: where the transposed layout is built, when backward needs it
+    flat: torch.Tensor | None = None  # dense mode: the delta's own int32 flat positions (E, nnz), no copy
 
     @classmethod
     def of(cls, delta: SparseDelta) -> SparseOp:
+        if delta.density > DENSE_DENSITY:
+            return cls(None, None, delta.out_features, delta.in_features, None, delta, delta.indices)
         if delta.density > GATHER_DENSITY:
             return cls(None, None, delta.out_features, delta.in_features, _csr_layout(delta), delta)
         rows, cols = delta.positions()
@@ -133,15 +144,24 @@ class SparseOp(ExpertOp):
         c = self.csr
         return _csr(c.crow[e], c.col[e], _in_order(values, c.perm[e]), (self.out_features, self.in_features))
 
+    def _dense(self, e: int, values: torch.Tensor) -> torch.Tensor:
+        """Expert e's delta as a transient dense ``(out, in)`` matrix (dense mode)."""
+        full = values.new_zeros(self.out_features * self.in_features)
+        return full.index_put_((self.flat[e],), values).view(self.out_features, self.in_features)
+
     def add_product(self, e, inp, params, out) -> None:
         values = params[0][e]
-        if self.csr is not None:
+        if self.flat is not None:
+            out.addmm_(inp, self._dense(e, values).t())
+        elif self.csr is not None:
             out.add_((self._matrix(e, _csr_dtype(values)) @ _csr_dtype(inp).t()).t())
         else:
             out.index_add_(1, self.rows[e], inp.index_select(1, self.cols[e]) * values)
 
     def grad_input(self, e, grad, params) -> torch.Tensor:
         values = params[0][e]
+        if self.flat is not None:
+            return grad @ self._dense(e, values)
         if self.csr is not None:
             return (self._matrix(e, _csr_dtype(values), transpose=True) @ _csr_dtype(grad).t()).t().to(grad.dtype)
         out = grad.new_zeros(grad.shape[0], self.in_features)
@@ -149,6 +169,9 @@ class SparseOp(ExpertOp):
 
     def add_grad_params(self, e, grad, inp, params, grads) -> None:
         # (grad^T inp) at the expert's positions
+        if self.flat is not None:
+            grads[0][e] += (grad.t() @ inp).view(-1).index_select(0, self.flat[e])
+            return
         if self.csr is None:
             grads[0][e] += (grad.index_select(1, self.rows[e]) * inp.index_select(1, self.cols[e])).sum(0)
             return

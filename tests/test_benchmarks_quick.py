@@ -79,13 +79,20 @@ def check_thresholds(data):
         won = sum(s < g for s, g in zip(row["times_s"]["stacked"], row["times_s"]["grouped"], strict=True))
         assert row["stacked_won_rounds"] == won and len(row["times_s"]["stacked"]) == data["settings"]["reps"]
     for row in sparse:
-        assert set(row["times_s"]) == {"gather", "csr", "dense"} and row["max_abs_diff"] < 1e-3
+        assert set(row["times_s"]) == {"gather", "csr", "dense_mode", "dense"} and row["max_abs_diff"] < 1e-3
         assert row["faster"] == min(("gather", "csr"), key=lambda arm: row["median_s"][arm])
         won = sum(g < c for g, c in zip(row["times_s"]["gather"], row["times_s"]["csr"], strict=True))
         assert row["gather_won_rounds"] == won and len(row["times_s"]["gather"]) == data["settings"]["reps"]
+        assert row["faster_csr_dense"] == min(("csr", "dense_mode"), key=lambda arm: row["median_s"][arm])
+        won = sum(c < d for c, d in zip(row["times_s"]["csr"], row["times_s"]["dense_mode"], strict=True))
+        assert row["csr_won_rounds"] == won
     from ders_peft import functional, grouped_path
 
-    expected = {"STACKED_MAX_COLUMNS": functional.STACKED_MAX_COLUMNS, "GATHER_DENSITY": grouped_path.GATHER_DENSITY}
+    expected = {
+        "STACKED_MAX_COLUMNS": functional.STACKED_MAX_COLUMNS,
+        "GATHER_DENSITY": grouped_path.GATHER_DENSITY,
+        "DENSE_DENSITY": grouped_path.DENSE_DENSITY,
+    }
     assert data["constants"] == expected
 
 

@@ -1,6 +1,6 @@
 """The grouped training path (`ders_peft.grouped_path`: sparse deltas, biased low-rank deltas): the hand-written
-backward, gather and CSR modes, and what the routed layers never do (build a dense per-expert matrix, run a base
-projection per slot)."""
+backward, gather, CSR and dense modes, and what the routed layers never do (build every expert's dense matrix, run a
+base projection per slot)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,17 @@ from ders_peft.deltas import LowRankDelta, SparseDelta
 from ders_peft.grouped_path import grouped_routed_ffn
 from ders_peft.routing import route
 
+SPARSE_MODES = {"gather": (1.0, 1.0), "csr": (0.0, 1.0), "dense": (0.0, 0.0)}  # (GATHER_DENSITY, DENSE_DENSITY)
 
-@pytest.mark.parametrize("mode", ["sparse-gather", "sparse-csr", "lowrank"])
+
+def sparse_mode(monkeypatch, mode: str) -> None:
+    """Force every sparse delta's products into ``mode`` (gather, csr or dense), whatever its density."""
+    gather, dense = SPARSE_MODES[mode]
+    monkeypatch.setattr(grouped_path, "GATHER_DENSITY", gather)
+    monkeypatch.setattr(grouped_path, "DENSE_DENSITY", dense)
+
+
+@pytest.mark.parametrize("mode", ["sparse-gather", "sparse-csr", "sparse-dense", "lowrank"])
 @pytest.mark.parametrize(
     "gated,num_in,bias,act",
     [
@@ -31,7 +40,8 @@ from ders_peft.routing import route
 @pytest.mark.parametrize("num_slots", [1, 3])
 def test_slot_core_gradcheck(mode, gated, num_in, bias, act, num_slots, monkeypatch):
     """Double-precision gradcheck of the hand-written backward: x, base, router weights, delta tensors and biases."""
-    monkeypatch.setattr(grouped_path, "GATHER_DENSITY", 0.0 if mode == "sparse-csr" else 1.0)
+    if mode.startswith("sparse-"):
+        sparse_mode(monkeypatch, mode.removeprefix("sparse-"))
     gen = torch.Generator().manual_seed(0)
     T, hidden, width, E = 7, 5, 4, 4
     outs = [width] * num_in if not (gated and num_in == 1) else [2 * width]
@@ -61,9 +71,9 @@ def test_slot_core_gradcheck(mode, gated, num_in, bias, act, num_slots, monkeypa
 
 @pytest.mark.parametrize("family", ["llama", "phi", "phi3", "gpt2", "gemma"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_gather_and_csr_modes_agree_with_the_reference(family, shared, device, monkeypatch):
-    """Both modes give the reference's output, input gradient and parameter gradients (plain autograd through the
-    reference's explicitly synthesised experts)."""
+def test_sparse_modes_agree_with_the_reference(family, shared, device, monkeypatch):
+    """Gather, CSR and dense modes give the reference's output, input gradient and parameter gradients (plain autograd
+    through the reference's explicitly synthesised experts)."""
     peft_model = get_peft_model(
         tiny_model(family),
         ders_peft.DeRSConfig(
@@ -82,18 +92,19 @@ def test_gather_and_csr_modes_agree_with_the_reference(family, shared, device, m
     params = [x, *(p for p in layer.parameters() if p.requires_grad)]
     probe = torch.randn(3, 13, 32).to(device)
     results = []
-    for density in (1.0, 0.0):  # gather, then CSR
-        monkeypatch.setattr(grouped_path, "GATHER_DENSITY", density)
+    for mode in SPARSE_MODES:
+        sparse_mode(monkeypatch, mode)
         y = layer(x)
         results.append((y, torch.autograd.grad((y * probe).sum(), params)))
-    (y_gather, g_gather), (y_csr, g_csr) = results
+    (y_gather, g_gather), *others = results
     want = reference_layer_output(layer, x)
     g_want = torch.autograd.grad((want * probe).sum(), params)
     torch.testing.assert_close(y_gather, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y_csr, want, atol=1e-5, rtol=1e-5)
-    for a, b, c in zip(g_gather, g_csr, g_want, strict=True):
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-4)
+    for y_other, g_other in others:
+        torch.testing.assert_close(y_other, want, atol=1e-5, rtol=1e-5)
+        for a, b, c in zip(g_gather, g_other, g_want, strict=True):
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-4)
     assert all(g.abs().max() > 0 for g in g_gather)  # every trainable tensor receives a gradient
 
 
@@ -123,9 +134,11 @@ class _OpLog(TorchDispatchMode):
 @pytest.mark.parametrize("delta_type", ["lowrank", "sparse"])
 @pytest.mark.parametrize("family", ["llama", "phi"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_no_expert_matrix_and_base_once_per_token(delta_type, family, shared):
-    """In a training step no dense per-expert weight matrix is built, and the base projections run on T rows (once per
-    token; the down projection once, on the router-weighted mix), never on the T * top_k routed slots."""
+def test_no_expert_matrix_and_base_once_per_token(delta_type, family, shared, monkeypatch):
+    """In a training step no dense per-expert weight matrix is built (sparse deltas up to ``DENSE_DENSITY``), and the
+    base projections run on T rows (once per token; the down projection once, on the router-weighted mix), never on
+    the T * top_k routed slots."""
+    sparse_mode(monkeypatch, "csr")
     hidden, inter, num_experts, tokens = 32, 48, 4, 21
     cfg = ders_peft.DeRSConfig(
         num_experts=num_experts,
@@ -185,11 +198,11 @@ def test_grouped_low_rank_matches_the_reference(family, num_experts, rank, devic
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("density", [1.0, 0.0])  # gather, CSR
-def test_indices_in_any_order(density, monkeypatch):
+@pytest.mark.parametrize("mode", list(SPARSE_MODES))
+def test_indices_in_any_order(mode, monkeypatch):
     """Sparse indices need not be sorted (a checkpoint may list them in any order): shuffling each expert's
     (index, value) pairs together changes neither the output nor the gradients (mapped back through the shuffle)."""
-    monkeypatch.setattr(grouped_path, "GATHER_DENSITY", density)
+    sparse_mode(monkeypatch, mode)
     cfg = ders_peft.DeRSConfig(num_experts=3, top_k=2, delta_type="sparse", sparse_rate=0.7, router_aux_loss_coef=0.0)
     peft_model = get_peft_model(tiny_model("llama"), cfg)
     randomize_adapter(peft_model, std=0.1)
@@ -217,9 +230,10 @@ def test_indices_in_any_order(density, monkeypatch):
         torch.testing.assert_close(a, b.gather(1, perm), atol=1e-5, rtol=1e-5)
 
 
-def test_inference_builds_no_transposed_layout_and_decode_caches_no_positions():
-    """Memory of a sparse model in generation: a no-grad call (prefill) builds only the forward CSR layout, decode
-    caches no int64 positions; the transposed layout appears with the first backward."""
+def test_inference_builds_no_transposed_layout_and_decode_caches_no_positions(monkeypatch):
+    """Memory of a sparse model in generation (CSR mode): a no-grad call (prefill) builds only the forward CSR layout,
+    decode caches no int64 positions; the transposed layout appears with the first backward."""
+    monkeypatch.setattr(grouped_path, "DENSE_DENSITY", 1.0)
     model = get_peft_model(
         tiny_model("llama"), ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9)
     )
@@ -234,3 +248,26 @@ def test_inference_builds_no_transposed_layout_and_decode_caches_no_positions():
     assert "csr" in cache and "csr_t" not in cache and "positions" not in cache
     model(input_ids=ids, labels=ids).loss.backward()
     assert "csr_t" in delta.__dict__["_index_cache"]
+
+
+def test_dense_mode_caches_no_layout_and_builds_one_expert_matrix_at_a_time():
+    """Above ``DENSE_DENSITY`` (the default mode at 10% density) a training step caches no index layout and never
+    builds a stacked ``(E, out, in)`` matrix: only one expert's ``(out * in,)`` scatter at a time."""
+    assert grouped_path.GATHER_DENSITY < grouped_path.DENSE_DENSITY < 0.1
+    hidden, inter, num_experts = 32, 48, 4
+    cfg = ders_peft.DeRSConfig(
+        num_experts=num_experts, top_k=2, delta_type="sparse", sparse_rate=0.9, train_base=False
+    )
+    model = get_peft_model(tiny_model("llama"), cfg)
+    randomize_adapter(model, std=0.1)
+    layer = ders_layers(model)[0]
+    x = torch.randn(1, 21, hidden, requires_grad=True)
+    log = _OpLog({p.untyped_storage().data_ptr() for p in layer.parameters()})
+    with log:
+        layer(x).square().sum().backward()
+    assert (inter * hidden,) in log.shapes  # the scatter of one expert
+    stacked = {(e, *m) for e in (num_experts, num_experts + 1) for m in ((inter, hidden), (hidden, inter))}
+    stacked |= {(e, inter * hidden) for e in (num_experts, num_experts + 1)}
+    assert not log.shapes & stacked, sorted(log.shapes & stacked)
+    for delta in layer.ders_delta["default"].values():
+        assert not delta.__dict__.get("_index_cache"), delta.__dict__.get("_index_cache")

@@ -95,13 +95,14 @@ def _layer(delta_type: str, family: str = "llama", **kw):
     return model, ders_layers(model)[0]
 
 
-# (delta_type, GATHER_DENSITY, config kwargs, host syncs per layer call)
+# (delta_type, (GATHER_DENSITY, DENSE_DENSITY), config kwargs, host syncs per layer call)
 CASES = {
     "lowrank-fast": ("lowrank", None, {}, 0),
     "lowrank-fast-shared": ("lowrank", None, {"shared_expert": True}, 0),
     "lowrank-grouped": ("lowrank", None, {"num_experts": 40}, 1),  # 40 x 2 stacked columns > 64: grouped
-    "sparse-gather": ("sparse", 1.0, {}, 1),
-    "sparse-csr": ("sparse", 0.0, {}, 1),
+    "sparse-gather": ("sparse", (1.0, 1.0), {}, 1),
+    "sparse-csr": ("sparse", (0.0, 1.0), {}, 1),
+    "sparse-dense": ("sparse", (0.0, 0.0), {}, 1),
     "full": ("full", None, {}, 1),
 }
 
@@ -112,7 +113,8 @@ def test_layer_training_step_syncs(case, device, monkeypatch):
     and there are exactly the stated number per layer call (0 on the low-rank fast path, else the slot counts)."""
     delta_type, density, kw, expected = CASES[case]
     if density is not None:
-        monkeypatch.setattr(grouped_path, "GATHER_DENSITY", density)
+        monkeypatch.setattr(grouped_path, "GATHER_DENSITY", density[0])
+        monkeypatch.setattr(grouped_path, "DENSE_DENSITY", density[1])
     model, layer = _layer(delta_type, **kw)
     model.to(device)
     paths = []
