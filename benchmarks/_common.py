@@ -77,9 +77,9 @@ def peak_rss_mb() -> float:
     return max_rss_mb() if value is None else value
 
 
-def run_json_subprocess(args: list[str], timeout: float = 900.0) -> dict:
-    """Run ``python <args>`` in a fresh process and parse the last stdout line as JSON."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+def run_json_subprocess(args: list[str], timeout: float = 900.0, env: dict[str, str] | None = None) -> dict:
+    """Run ``python <args>`` in a fresh process (``env``: extra variables) and parse the last stdout line as JSON."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )

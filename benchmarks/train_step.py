@@ -401,12 +401,20 @@ def memory_child(arm: Arm, shape: Shape, steps: int = 3) -> dict:
     }
 
 
-def memory_part(arms: list[Arm], shape: Shape, threads: int, log) -> dict:
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+"""glibc settings of the memory children (``--malloc fixed``, the default): blocks from 128 KiB on are mapped and
+unmapped on their own and freed heap tops are returned at once, instead of glibc's thresholds that grow with the
+blocks freed so far. The peak resident set then follows the live allocations: the same arm gives the same number in
+every run (with glibc's defaults one arm's peak varied by 25-70 MB between runs)."""
+
+
+def memory_part(arms: list[Arm], shape: Shape, threads: int, log, malloc: str = "fixed") -> dict:
     out = {}
     for arm in arms:
         args = [str(Path(__file__).resolve()), "--memory-arm", arm.name, "--threads", str(threads)]
         args += ["--shape", ",".join(f"{k}={v}" for k, v in asdict(shape).items())]
-        res = _common.run_json_subprocess(args)
+        res = _common.run_json_subprocess(args, env=FIXED_MALLOC if malloc == "fixed" else None)
+        res["malloc"] = malloc
         log(f"memory {arm.name}: peak over start {res['peak_over_start_mb']:.0f} MB")
         out[arm.name] = res
     return out
@@ -576,6 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per arm (default 5, quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed interleaved rounds (default 1)")
     ap.add_argument("--parts", default="layer,step,memory", help="comma list of layer,step,memory")
+    ap.add_argument(
+        "--malloc",
+        choices=["fixed", "default"],
+        default="fixed",
+        help="glibc thresholds of the memory children: fixed (reproducible, see FIXED_MALLOC) or glibc's default",
+    )
     ap.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -618,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             "3 training steps, minus the resident set before building (= weights + grads + AdamW states + "
             "activations + allocator slack): peak_over_start; the same minus the resident set after building: "
             "training_growth"
+            + (f"; glibc thresholds fixed ({FIXED_MALLOC})" if args.malloc == "fixed" else "; glibc's default malloc")
         ),
     }
     if "layer" in parts:
@@ -631,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         mem_arms = [a for a in all_arms(groups).values()]
         if args.quick:
             mem_arms = [a for a in mem_arms if a.name == "ders_lm_r4_N4k2"]  # one subprocess keeps CI short
-        results["memory"] = memory_part(mem_arms, shape, args.threads, log)
+        results["memory"] = memory_part(mem_arms, shape, args.threads, log, args.malloc)
     if {"layer", "step"} <= parts:
         results["targets"] = targets(results, f"dense_lora_r{lora_rank}")
     results["machine_end"] = _common.machine_note()

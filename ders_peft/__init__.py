@@ -11,6 +11,7 @@ from .config import DeRSConfig
 from .deltas import DELTA_CLASSES, Delta, FullDelta, LowRankDelta, QuantizedDelta, SparseDelta, UniversalFullDelta
 from .diagnostics import RouterStatsCallback, inspect_model, inspect_path
 from .export import convert_to_moe, export_moe
+from .kernels import disable_cpu_kernels, enable_cpu_kernels
 from .layer import DeRSLayer
 from .model import DeRSModel
 from .registration import PEFT_TYPE_DERS, register
@@ -46,6 +47,8 @@ __all__ = [
     "convert_to_moe",
     "create_optimizer",
     "decompress",
+    "disable_cpu_kernels",
+    "enable_cpu_kernels",
     "export_moe",
     "init_routers_kmeans",
     "inspect_model",

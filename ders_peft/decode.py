@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import ffn
+from . import ffn, kernels
 from .deltas import FullDelta, LowRankDelta, SparseDelta
 from .routing import SHARED_EXPERT_MIX
 
@@ -34,6 +34,7 @@ MAX_DECODE_TOKENS = 16
 
 _BLOCK_MASKS: dict[tuple, torch.Tensor] = {}
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNSET = object()
 
 
 def block_mask(num_experts: int, rank: int, copies: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -97,10 +98,21 @@ def layer_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _sources(layer, adapter: str, ins, out) -> list[tuple[dict, str]]:
-    """(parameter dict, name) of every tensor the pack is built from."""
+    """(parameter dict, name) of every tensor the pack is built from or holds: router, factors, base weights."""
     pairs = [(layer.ders_router[adapter]._parameters, "weight")]
     for d in (*ins, out):
         pairs += [(d.lora_a._parameters, "weight"), (d.lora_b._parameters, "weight")]
+    return pairs + _base_sources(layer, adapter)
+
+
+def _base_sources(layer, adapter: str) -> list[tuple[dict, str]]:
+    """(parameter dict, name) of the base weights that are plain ``weight`` parameters (not Conv1D's transposes)."""
+    holder = layer.ders_base[adapter] if adapter in layer.ders_base else layer.base_layer
+    pairs = []
+    for name in layer.layout.projs:
+        params = getattr(holder, name)._parameters
+        if params.get("weight") is layer.base_weight(adapter, name):
+            pairs.append((params, "weight"))
     return pairs
 
 
@@ -122,7 +134,7 @@ def _lowrank_pack(layer, adapter: str, deltas, dtype: torch.dtype) -> dict | Non
     lay = layer.layout
     ins = [deltas[n] for n in lay.in_projs]
     out = deltas[lay.out_proj]
-    modules = (layer.ders_router[adapter], *ins, out)
+    modules = (layer.ders_router[adapter], *ins, out, ffn.activation(layer.base_layer, lay))
     cache = _PACKS.setdefault(layer, {})
     entry = cache.get(adapter)
     if entry is not None and _still_valid(entry, modules):
@@ -140,7 +152,9 @@ def _lowrank_pack(layer, adapter: str, deltas, dtype: torch.dtype) -> dict | Non
             "b_out_t": (out.lora_b.weight * out.scale).t().contiguous(),  # (E*r, hidden)
             "mask": block_mask(out.num_experts, out.rank, len(ins), dtype, router.device),
             "num_experts": router.shape[0],
+            "rank": out.rank,
             "width": out.num_experts * out.rank,
+            "kernel": _UNSET,  # the compiled kernel's arguments, built at its first use
         }
     sources = _sources(layer, adapter, ins, out)
     try:
@@ -170,7 +184,47 @@ def _biases(layer, adapter: str) -> dict[str, torch.Tensor]:
     return {n: holder[n].weight for n in holder}
 
 
+def _kernel_args(layer, adapter: str, pack: dict) -> tuple | None:
+    """The compiled kernel's tensor and size arguments (expert-major copies of the small factors, so that a slot reads
+    only its own expert's rows), or ``None`` where the kernel does not apply: not a gated SiLU FFN, biases, not
+    float32, a base weight that is not a plain ``weight`` parameter."""
+    lay = layer.layout
+    if not lay.gated or _biases(layer, adapter) or not ffn.is_silu(ffn.activation(layer.base_layer, lay)):
+        return None
+    weights = [layer.base_weight(adapter, n) for n in lay.projs]
+    if pack["stacked"].dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
+        return None
+    if len(_base_sources(layer, adapter)) != len(lay.projs):  # the pack's validity check tracks every base weight
+        return None
+    r = pack["rank"]
+    E = pack["width"] // r
+    with torch.no_grad():
+        b_experts = [b.view(b.shape[0], E, r).transpose(0, 1).contiguous() for b in pack["b"]]
+        a_out_experts = pack["a_out_t"].view(-1, E, r).transpose(0, 1).contiguous()
+    small = (pack["stacked"], b_experts, a_out_experts, pack["b_out_t"])
+    return (weights[:-1], weights[-1], *small, pack["num_experts"], r)
+
+
+def _compiled(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer through the compiled CPU kernel (:mod:`ders_peft.kernels`), or ``None`` where it does not apply."""
+    if x.device.type != "cpu":
+        return None
+    kernel = kernels.decode_kernel()
+    if kernel is None:
+        return None
+    args = pack["kernel"]
+    if args is _UNSET:
+        args = pack["kernel"] = _kernel_args(layer, adapter, pack)
+    if args is None:
+        return None
+    top_k, normalize, shared = config.top_k, config.normalize_top_k, config.shared_expert
+    return kernel.lowrank_decode(x.contiguous(), *args, top_k, normalize, shared, SHARED_EXPERT_MIX)
+
+
 def _lowrank(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch.Tensor:
+    y = _compiled(layer, adapter, config, pack, x)
+    if y is not None:
+        return y
     lay = layer.layout
     T = x.shape[0]
     n = pack["num_experts"]

@@ -50,13 +50,13 @@ def check_generation(data):
     assert data["commit"]["commit"] and data["machine"]["date"] and len(data["machine"]["loadavg_1_5_15"]) == 3
     assert data["sections"]
     for section in data["sections"]:
-        assert set(section["arms"]) == {"dense", "ders", "ders_merged", "exported"}
+        assert set(section["arms"]) == {"dense", "ders", "ders_kernel", "ders_merged", "exported"}
         for name, arm in section["arms"].items():
             assert arm["tokens_per_s"] > 0 and arm["times_s"] and arm["new_tokens"] == section["model"]["new_tokens"]
             assert section["x_dense"][name] == pytest.approx(
                 arm["tokens_per_s"] / section["arms"]["dense"]["tokens_per_s"]
             )
-        assert section["same_tokens_as_export"] == {"ders": True, "ders_merged": True}
+        assert section["same_tokens_as_export"] == {"ders": True, "ders_kernel": True, "ders_merged": True}
 
 
 def check_generation_page(data, page):
@@ -66,6 +66,9 @@ def check_generation_page(data, page):
     verdict = "met" if ratio >= 0.85 else "not met"
     assert f"(goal >= 0.85x: {verdict})" in page
     assert f"met in {int(ratio >= 0.85)} of 1 sections" in page
+    kernel = data["sections"][0]["x_dense"]["ders_kernel"]
+    assert f"With the compiled CPU decode kernel: **{kernel:.2f}x** (goal >= 0.95x: " in page
+    assert f"met in {int(kernel >= 0.95)} of 1 low-rank sections" in page
 
 
 def check_thresholds(data):

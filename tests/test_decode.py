@@ -142,8 +142,9 @@ def test_generation_benchmark_quick_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
     assert "| DeRS, factorised |" in report and "| DeRS, merge_adapter() |" in report
+    assert "| DeRS, factorised + CPU kernel |" in report
     rows = [line for line in report.splitlines() if line.startswith("| DeRS")]
-    assert len(rows) == 2 and all(row.rstrip().endswith("| yes |") for row in rows)
+    assert len(rows) == 3 and all(row.rstrip().endswith("| yes |") for row in rows)
 
 
 def test_sparse_positions_follow_index_changes():

@@ -1,0 +1,73 @@
+"""Optional compiled CPU kernels, built on first use with the machine's C++ compiler.
+
+Generation on CPU runs one token per sequence per step, where a DeRS layer's cost is the number of tensor operations
+rather than FLOPs (``ders_peft.decode``). :func:`enable_cpu_kernels` compiles ``lowrank_decode.cpp`` (once per machine
+and torch version, about half a minute; torch caches the build under ``~/.cache/torch_extensions``) and from then on
+the decode path of low-rank layers (CPU, float32, gated SiLU FFN, no biases) runs as one call: the big products as
+ATen matmuls, the per-slot work as plain loops. Every other case keeps the Python path. Setting the environment
+variable ``DERS_PEFT_CPU_KERNELS=1`` enables them at the first decode call.
+
+Nothing here is needed: without a compiler the library runs unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+ENV_VAR = "DERS_PEFT_CPU_KERNELS"
+SOURCE = Path(__file__).with_name("lowrank_decode.cpp")
+_state: dict = {"enabled": None, "module": None}  # enabled: None until decided (env var read at first use)
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile (or load the cached build of) the CPU decode kernel; ``RuntimeError`` naming what is missing."""
+    if _state["module"] is not None:
+        return _state["module"]
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"ders_peft CPU kernels need a C++ compiler: {compiler!r} (the CXX variable) was not found")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ders_peft CPU kernels need ninja: pip install ninja (or the `kernels` extra)")
+    if verbose:
+        print(f"ders_peft: compiling {SOURCE.name} (once per machine, about 30 s)...", flush=True)
+    _state["module"] = cpp_extension.load(
+        name="ders_peft_cpu_kernels", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False
+    )
+    return _state["module"]
+
+
+def enable_cpu_kernels(verbose: bool = True) -> None:
+    """Build the CPU decode kernel if needed and use it from now on (in this process)."""
+    build(verbose)
+    _state["enabled"] = True
+
+
+def disable_cpu_kernels() -> None:
+    """Back to the Python decode path (the build stays cached)."""
+    _state["enabled"] = False
+
+
+def cpu_kernels_enabled() -> bool:
+    return bool(_state["enabled"])
+
+
+def decode_kernel() -> ModuleType | None:
+    """The compiled module when enabled, else ``None``. The first call reads :data:`ENV_VAR`; if it asks for the
+    kernels and they cannot be built, one warning says why and the Python path is used."""
+    if _state["enabled"] is None:
+        _state["enabled"] = False
+        if os.environ.get(ENV_VAR, "").strip().lower() in {"1", "true", "yes", "on"}:
+            try:
+                enable_cpu_kernels(verbose=True)
+            except Exception as err:  # noqa: BLE001 - any build failure: say it once, keep the Python path
+                warnings.warn(f"{ENV_VAR} is set but the CPU kernels could not be built: {err}", stacklevel=2)
+    return _state["module"] if _state["enabled"] else None
+
+
+__all__ = ["ENV_VAR", "build", "cpu_kernels_enabled", "decode_kernel", "disable_cpu_kernels", "enable_cpu_kernels"]

@@ -1,0 +1,137 @@
+// One call for a DeRS low-rank layer on a few tokens (generation), CPU, float32, gated SiLU, no biases.
+//
+// Same arithmetic as ders_peft/decode.py::_lowrank: the router logits and every expert's z = x A^T come from one
+// matmul over stacked rows; the base projections run once on x; each slot adds its expert's B z to the base
+// pre-activation, applies SiLU(gate) * up, and is mixed by its router weight before the base down projection; the
+// down-side delta mixes the slots' A_out h the same way before one product with B_out. The big products are ATen
+// matmuls; the per-slot work, a few thousand multiply-adds, is plain loops instead of about twenty small tensor ops.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// Expert indices and weights of one token, as ders_peft.decode.route_small.
+void route_token(const float* logits, int64_t n, int64_t top_k, bool normalize, bool shared, float mix,
+                 std::vector<int64_t>& idx, std::vector<float>& w) {
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
+                    [&](int64_t a, int64_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  idx.assign(order.begin(), order.begin() + top_k);
+  w.resize(top_k);
+  const float top = logits[idx[0]];
+  if (normalize) {  // softmax over the top-k logits
+    float sum = 0.0f;
+    for (int64_t s = 0; s < top_k; ++s) sum += (w[s] = std::exp(logits[idx[s]] - top));
+    for (auto& v : w) v /= sum;
+  } else {  // top-k of the softmax over every logit
+    float sum = 0.0f;
+    for (int64_t e = 0; e < n; ++e) sum += std::exp(logits[e] - top);
+    for (int64_t s = 0; s < top_k; ++s) w[s] = std::exp(logits[idx[s]] - top) / sum;
+  }
+  if (shared) {
+    for (auto& v : w) v *= mix;
+    idx.push_back(n);
+    w.push_back(mix);
+  }
+}
+
+}  // namespace
+
+// b_in[j]: (E, out_j, r) and a_out: (E, inter, r), expert-major copies of the stacked factors, so that a slot reads
+// only its own expert's rows (the stacked (out, E*r) layout would pull every expert's columns through the cache);
+// b_out_t: (E*r, hidden), whose rows of one expert are contiguous already.
+torch::Tensor lowrank_decode(const torch::Tensor& x, const std::vector<torch::Tensor>& base_in,
+                             const torch::Tensor& w_down, const torch::Tensor& stacked,
+                             const std::vector<torch::Tensor>& b_in, const torch::Tensor& a_out,
+                             const torch::Tensor& b_out_t, int64_t num_experts, int64_t rank, int64_t top_k,
+                             bool normalize, bool shared, double mix) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (T, hidden) float32");
+  TORCH_CHECK(base_in.size() == b_in.size() && (base_in.size() == 1 || base_in.size() == 2), "1 or 2 input projections");
+  const int64_t T = x.size(0), n_in = base_in.size();
+  const int64_t num_deltas = a_out.size(0), inter = a_out.size(1), hidden = b_out_t.size(1);
+  const int64_t width = num_deltas * rank;
+  TORCH_CHECK(a_out.is_contiguous() && a_out.size(2) == rank && b_out_t.is_contiguous() && b_out_t.size(0) == width,
+              "down-side factors: contiguous (E, inter, r) and (E*r, hidden)");
+  for (const auto& b : b_in) {
+    TORCH_CHECK(b.is_contiguous() && b.size(0) == num_deltas && b.size(2) == rank, "B factors: contiguous (E, out, r)");
+  }
+  const int64_t ld = stacked.size(0);
+  TORCH_CHECK(ld == num_experts + n_in * width, "stacked rows: router, then each input projection's A");
+
+  at::Tensor small = at::mm(x, stacked.t());  // (T, N + n_in * E*r)
+  std::vector<at::Tensor> base;
+  for (const auto& w : base_in) base.push_back(at::mm(x, w.t()).contiguous());  // (T, out_j)
+  at::Tensor mixed = at::empty({T, inter}, x.options());
+  std::vector<float> zmix(T * width, 0.0f);
+
+  const float* sp = small.data_ptr<float>();
+  float* mp = mixed.data_ptr<float>();
+  std::fill(mp, mp + T * inter, 0.0f);
+  std::vector<float> gate(inter), up(inter), zd(rank);
+  std::vector<int64_t> idx;
+  std::vector<float> w;
+  std::vector<std::vector<int64_t>> slots(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = sp + t * ld;
+    route_token(row, num_experts, top_k, normalize, shared, static_cast<float>(mix), idx, w);
+    for (size_t s = 0; s < idx.size(); ++s) {
+      const int64_t e = idx[s];
+      slots[t].push_back(e);
+      // pre-activations: base + B_e z_e, per input projection
+      for (int64_t j = 0; j < n_in; ++j) {
+        const int64_t out = base[j].size(1);
+        const float* bp = base[j].data_ptr<float>() + t * out;
+        const float* be = b_in[j].data_ptr<float>() + e * out * rank;
+        const float* z = row + num_experts + j * width + e * rank;
+        float* dst = (n_in == 2 && j == 1) ? up.data() : gate.data();
+        for (int64_t i = 0; i < out; ++i) {
+          float acc = bp[i];
+          for (int64_t k = 0; k < rank; ++k) acc += be[i * rank + k] * z[k];
+          if (n_in == 1 && i >= inter) {
+            up[i - inter] = acc;
+          } else {
+            dst[i] = acc;
+          }
+        }
+      }
+      const float ws = w[s];
+      std::fill(zd.begin(), zd.end(), 0.0f);
+      float* mrow = mp + t * inter;
+      const float* ae = a_out.data_ptr<float>() + e * inter * rank;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float hi = silu(gate[i]) * up[i];
+        mrow[i] += ws * hi;
+        for (int64_t k = 0; k < rank; ++k) zd[k] += hi * ae[i * rank + k];
+      }
+      for (int64_t k = 0; k < rank; ++k) zmix[t * width + e * rank + k] += ws * zd[k];
+    }
+  }
+  at::Tensor y = at::mm(mixed, w_down.t()).contiguous();  // (T, hidden)
+  float* yp = y.data_ptr<float>();
+  const float* bo = b_out_t.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {  // + the selected experts' rows of B_out only
+    std::vector<int64_t> seen;
+    for (const int64_t e : slots[t]) {
+      if (std::find(seen.begin(), seen.end(), e) != seen.end()) continue;
+      seen.push_back(e);
+      for (int64_t k = 0; k < rank; ++k) {
+        const float c = zmix[t * width + e * rank + k];
+        const float* brow = bo + (e * rank + k) * hidden;
+        float* yrow = yp + t * hidden;
+        for (int64_t h = 0; h < hidden; ++h) yrow[h] += c * brow[h];
+      }
+    }
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lowrank_decode", &lowrank_decode, "DeRS low-rank layer for a few tokens (CPU, float32, gated SiLU)");
+}

@@ -1,0 +1,127 @@
+"""The optional compiled CPU decode kernel (`ders_peft.kernels`): the same outputs as the explicitly synthesised
+experts and as the Python decode path, used exactly where it applies, and clear errors where it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ders_testing import ders_layers, randomize_adapter, tiny_model
+from peft import get_peft_model
+from test_layer_reference import reference_layer_output
+
+import ders_peft
+from ders_peft import decode, kernels
+
+
+@pytest.fixture(scope="module")
+def built():
+    try:
+        return kernels.build()
+    except RuntimeError as err:  # no compiler or no ninja on this machine
+        pytest.skip(str(err))
+
+
+@pytest.fixture
+def kernel_on(built, monkeypatch):
+    """The kernel enabled for one test; records whether each decode call of a low-rank layer went through it."""
+    monkeypatch.setitem(kernels._state, "enabled", True)
+    used: list[bool] = []
+    real = decode._compiled
+
+    def spy(*args):
+        out = real(*args)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(decode, "_compiled", spy)
+    return used
+
+
+def _layer(family="llama", dtype=torch.float32, **cfg_kw):
+    cfg = ders_peft.DeRSConfig(**{"num_experts": 4, "top_k": 2, "delta_type": "lowrank", "rank": 3, **cfg_kw})
+    model = get_peft_model(tiny_model(family), cfg).eval()
+    randomize_adapter(model, std=0.1)
+    return model.to(dtype), ders_layers(model.to(dtype))[0]
+
+
+CASES = [
+    ("llama", {}),
+    ("llama", {"shared_expert": True, "delta_scale": 2.0}),  # the universal FFN at weight 0.5, scaled deltas
+    ("llama", {"normalize_top_k": False, "top_k": 3}),
+    ("llama", {"top_k": 1, "num_experts": 8, "rank": 1}),
+    ("phi3", {}),  # fused gate_up_proj
+    ("mistral", {"rank": 5}),
+]
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("family,cfg_kw", CASES)
+def test_kernel_matches_reference_and_python_path(family, cfg_kw, tokens, kernel_on):
+    _, layer = _layer(family, **cfg_kw)
+    x = torch.randn(1, tokens, 32)
+    with torch.no_grad():
+        got = layer(x)
+        assert kernel_on == [True]
+        want = reference_layer_output(layer, x)
+        kernels.disable_cpu_kernels()
+        python_path = layer(x)
+    assert kernel_on == [True, False]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, python_path, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family,dtype,why",
+    [
+        ("phi", torch.float32, "per-expert biases"),
+        ("gpt2", torch.float32, "not a gated FFN"),
+        ("gemma", torch.float32, "GeGLU, not SiLU"),
+        ("llama", torch.bfloat16, "not float32"),
+    ],
+)
+def test_kernel_not_used_where_it_does_not_apply(family, dtype, why, kernel_on):
+    _, layer = _layer(family, dtype=dtype)
+    x = torch.randn(1, 2, 32, dtype=dtype)
+    with torch.no_grad():
+        got = layer(x)
+    assert kernel_on == [False], why
+    with torch.no_grad():
+        want = reference_layer_output(layer, x)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_generation_gives_the_same_tokens(kernel_on):
+    model, _ = _layer("llama")
+    ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        with_kernel = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        assert kernel_on and all(kernel_on)  # every decode step of both layers
+        kernels.disable_cpu_kernels()
+        without = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    assert torch.equal(with_kernel, without)
+
+
+def test_environment_variable_enables_at_first_decode_call(built, monkeypatch):
+    monkeypatch.setitem(kernels._state, "enabled", None)
+    monkeypatch.setenv(kernels.ENV_VAR, "1")
+    assert kernels.decode_kernel() is built and kernels.cpu_kernels_enabled()
+    monkeypatch.setitem(kernels._state, "enabled", None)
+    monkeypatch.setenv(kernels.ENV_VAR, "0")
+    assert kernels.decode_kernel() is None and not kernels.cpu_kernels_enabled()
+
+
+def test_missing_compiler_is_named_and_the_env_var_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setitem(kernels._state, "module", None)
+    monkeypatch.setitem(kernels._state, "enabled", None)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(RuntimeError, match=r"C\+\+ compiler: '/nonexistent/c\+\+' \(the CXX variable\)"):
+        kernels.enable_cpu_kernels()
+    monkeypatch.setenv(kernels.ENV_VAR, "1")
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert kernels.decode_kernel() is None
+    _, layer = _layer("llama")
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():  # the Python decode path still answers
+        torch.testing.assert_close(layer(x), reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
