@@ -83,6 +83,9 @@ def layer_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
         router = layer.ders_router[adapter].weight
         if any(t.dtype != x.dtype for t in (router, *weights, *(deltas[n].weight for n in lay.projs))):
             return None
+        y = _compiled_sparse(layer, adapter, config, deltas, weights, router, x)
+        if y is not None:
+            return y
         idx, w = route_small(F.linear(x, router), config.top_k, config.normalize_top_k, config.shared_expert)
         return _sparse(layer, adapter, deltas, weights, idx, w.to(x.dtype), x)
     if all(isinstance(deltas[n], FullDelta) for n in lay.projs):
@@ -219,6 +222,35 @@ def _compiled(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch
         return None
     top_k, normalize, shared = config.top_k, config.normalize_top_k, config.shared_expert
     return kernel.lowrank_decode(x.contiguous(), *args, top_k, normalize, shared, SHARED_EXPERT_MIX)
+
+
+def _compiled_sparse(layer, adapter, config, deltas, weights, router, x: torch.Tensor) -> torch.Tensor | None:
+    """A sparse layer through the compiled CPU kernel, or ``None`` where it does not apply (as for low-rank)."""
+    lay = layer.layout
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not lay.gated:
+        return None
+    kernel = kernels.decode_kernel()
+    if kernel is None or _biases(layer, adapter) or not ffn.is_silu(ffn.activation(layer.base_layer, lay)):
+        return None
+    ins, out = [deltas[n] for n in lay.in_projs], deltas[lay.out_proj]
+    if any(d.indices.dtype != torch.int32 for d in (*ins, out)):
+        return None
+    return kernel.sparse_decode(
+        x.contiguous(),
+        weights[:-1],
+        weights[-1],
+        router,
+        [d.weight for d in ins],
+        [d.indices for d in ins],
+        [float(d.scale) for d in ins],
+        out.weight,
+        out.indices,
+        float(out.scale),
+        config.top_k,
+        config.normalize_top_k,
+        config.shared_expert,
+        SHARED_EXPERT_MIX,
+    )
 
 
 def _lowrank(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch.Tensor:

@@ -23,17 +23,21 @@ def built():
 
 @pytest.fixture
 def kernel_on(built, monkeypatch):
-    """The kernel enabled for one test; records whether each decode call of a low-rank layer went through it."""
+    """The kernel enabled for one test; records whether each decode call of a low-rank or sparse layer went through
+    it."""
     monkeypatch.setitem(kernels._state, "enabled", True)
     used: list[bool] = []
-    real = decode._compiled
 
-    def spy(*args):
-        out = real(*args)
-        used.append(out is not None)
-        return out
+    def spy(real):
+        def wrapped(*args):
+            out = real(*args)
+            used.append(out is not None)
+            return out
 
-    monkeypatch.setattr(decode, "_compiled", spy)
+        return wrapped
+
+    monkeypatch.setattr(decode, "_compiled", spy(decode._compiled))
+    monkeypatch.setattr(decode, "_compiled_sparse", spy(decode._compiled_sparse))
     return used
 
 
@@ -51,6 +55,10 @@ CASES = [
     ("llama", {"top_k": 1, "num_experts": 8, "rank": 1}),
     ("phi3", {}),  # fused gate_up_proj
     ("mistral", {"rank": 5}),
+    ("llama", {"delta_type": "sparse", "sparse_rate": 0.5}),
+    ("llama", {"delta_type": "sparse", "sparse_rate": 0.99, "shared_expert": True, "delta_scale": 0.5}),
+    ("llama", {"delta_type": "sparse", "sparse_rate": 0.9, "normalize_top_k": False, "top_k": 3}),
+    ("phi3", {"delta_type": "sparse", "sparse_rate": 0.8}),  # fused gate_up_proj
 ]
 
 
@@ -70,6 +78,7 @@ def test_kernel_matches_reference_and_python_path(family, cfg_kw, tokens, kernel
     torch.testing.assert_close(got, python_path, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("delta_type", ["lowrank", "sparse"])
 @pytest.mark.parametrize(
     "family,dtype,why",
     [
@@ -79,8 +88,8 @@ def test_kernel_matches_reference_and_python_path(family, cfg_kw, tokens, kernel
         ("llama", torch.bfloat16, "not float32"),
     ],
 )
-def test_kernel_not_used_where_it_does_not_apply(family, dtype, why, kernel_on):
-    _, layer = _layer(family, dtype=dtype)
+def test_kernel_not_used_where_it_does_not_apply(family, dtype, why, delta_type, kernel_on):
+    _, layer = _layer(family, dtype=dtype, delta_type=delta_type, sparse_rate=0.7)
     x = torch.randn(1, 2, 32, dtype=dtype)
     with torch.no_grad():
         got = layer(x)
@@ -91,8 +100,9 @@ def test_kernel_not_used_where_it_does_not_apply(family, dtype, why, kernel_on):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-def test_generation_gives_the_same_tokens(kernel_on):
-    model, _ = _layer("llama")
+@pytest.mark.parametrize("delta_type", ["lowrank", "sparse"])
+def test_generation_gives_the_same_tokens(delta_type, kernel_on):
+    model, _ = _layer("llama", delta_type=delta_type, sparse_rate=0.9)
     ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(0))
     kw = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():

@@ -1,10 +1,10 @@
 """Optional compiled CPU kernels, built on first use with the machine's C++ compiler.
 
 Generation on CPU runs one token per sequence per step, where a DeRS layer's cost is the number of tensor operations
-rather than FLOPs (``ders_peft.decode``). :func:`enable_cpu_kernels` compiles ``lowrank_decode.cpp`` (once per machine
-and torch version, about half a minute; torch caches the build under ``~/.cache/torch_extensions``) and from then on
-the decode path of low-rank layers (CPU, float32, gated SiLU FFN, no biases) runs as one call: the big products as
-ATen matmuls, the per-slot work as plain loops. Every other case keeps the Python path. Setting the environment
+rather than FLOPs (``ders_peft.decode``). :func:`enable_cpu_kernels` compiles ``decode_cpu.cpp`` (once per machine and
+torch version, about half a minute; torch caches the build under ``~/.cache/torch_extensions``) and from then on the
+decode path of low-rank and sparse layers (CPU, float32, gated SiLU FFN, no biases) runs as one call: the big products
+as ATen matmuls, the per-slot work as plain loops. Every other case keeps the Python path. Setting the environment
 variable ``DERS_PEFT_CPU_KERNELS=1`` enables them at the first decode call.
 
 Nothing here is needed: without a compiler the library runs unchanged.
@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 ENV_VAR = "DERS_PEFT_CPU_KERNELS"
-SOURCE = Path(__file__).with_name("lowrank_decode.cpp")
+SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 _state: dict = {"enabled": None, "module": None}  # enabled: None until decided (env var read at first use)
 
 

@@ -1,4 +1,4 @@
-// One call for a DeRS low-rank layer on a few tokens (generation), CPU, float32, gated SiLU, no biases.
+// One call for a DeRS low-rank or sparse layer on a few tokens (generation), CPU, float32, gated SiLU, no biases.
 //
 // Same arithmetic as ders_peft/decode.py::_lowrank: the router logits and every expert's z = x A^T come from one
 // matmul over stacked rows; the base projections run once on x; each slot adds its expert's B z to the base
@@ -132,6 +132,86 @@ torch::Tensor lowrank_decode(const torch::Tensor& x, const std::vector<torch::Te
   return y;
 }
 
+// Sparse deltas (DeRS-SM): per slot, the expert's fixed flat positions (int32, row * in + column) and values
+// (scale folded in by the caller) add value * x[column] into the base projection's row; on the down side the same
+// with h, weighted by the slot's router weight, into the output. As ders_peft/decode.py::_sparse.
+torch::Tensor sparse_decode(const torch::Tensor& x, const std::vector<torch::Tensor>& base_in,
+                            const torch::Tensor& w_down, const torch::Tensor& router,
+                            const std::vector<torch::Tensor>& values_in, const std::vector<torch::Tensor>& index_in,
+                            const std::vector<double>& scale_in, const torch::Tensor& values_out,
+                            const torch::Tensor& index_out, double scale_out, int64_t top_k, bool normalize,
+                            bool shared, double mix) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (T, hidden) float32");
+  const int64_t n_in = base_in.size();
+  TORCH_CHECK(n_in == 1 || n_in == 2, "1 or 2 input projections");
+  TORCH_CHECK(values_in.size() == base_in.size() && index_in.size() == base_in.size() && scale_in.size() == base_in.size(),
+              "one delta per projection");
+  const int64_t T = x.size(0), hidden = x.size(1), num_experts = router.size(0), inter = w_down.size(1);
+  auto check = [](const torch::Tensor& v, const torch::Tensor& i) {
+    TORCH_CHECK(v.is_contiguous() && v.scalar_type() == at::kFloat && v.dim() == 2, "values: contiguous (E, nnz) f32");
+    TORCH_CHECK(i.is_contiguous() && i.scalar_type() == at::kInt && i.sizes() == v.sizes(), "indices: (E, nnz) int32");
+  };
+  for (int64_t j = 0; j < n_in; ++j) check(values_in[j], index_in[j]);
+  check(values_out, index_out);
+
+  at::Tensor logits = at::mm(x, router.t()).contiguous();  // (T, N)
+  std::vector<at::Tensor> base;
+  for (const auto& w : base_in) base.push_back(at::mm(x, w.t()).contiguous());
+  at::Tensor mixed = at::zeros({T, inter}, x.options());
+  at::Tensor extra = at::zeros({T, hidden}, x.options());  // the down-side deltas' contributions
+  const float* xp = x.data_ptr<float>();
+  const float* lp = logits.data_ptr<float>();
+  float* mp = mixed.data_ptr<float>();
+  float* ep = extra.data_ptr<float>();
+  std::vector<float> gate(inter), up(inter), h(inter);
+  std::vector<int64_t> idx;
+  std::vector<float> w;
+  for (int64_t t = 0; t < T; ++t) {
+    route_token(lp + t * num_experts, num_experts, top_k, normalize, shared, static_cast<float>(mix), idx, w);
+    const float* xt = xp + t * hidden;
+    for (size_t s = 0; s < idx.size(); ++s) {
+      const int64_t e = idx[s];
+      for (int64_t j = 0; j < n_in; ++j) {
+        const int64_t out = base[j].size(1), nnz = values_in[j].size(1);
+        const float* bp = base[j].data_ptr<float>() + t * out;
+        if (n_in == 2) {
+          std::copy(bp, bp + out, j == 0 ? gate.data() : up.data());
+        } else {
+          std::copy(bp, bp + inter, gate.data());
+          std::copy(bp + inter, bp + out, up.data());
+        }
+        const float* v = values_in[j].data_ptr<float>() + e * nnz;
+        const int32_t* f = index_in[j].data_ptr<int32_t>() + e * nnz;
+        const float scale = static_cast<float>(scale_in[j]);
+        for (int64_t n = 0; n < nnz; ++n) {
+          const int64_t row = f[n] / hidden, col = f[n] % hidden;
+          const float add = scale * v[n] * xt[col];
+          if (n_in == 2 && j == 1) {
+            up[row] += add;
+          } else if (row < inter) {
+            gate[row] += add;
+          } else {
+            up[row - inter] += add;
+          }
+        }
+      }
+      const float ws = w[s], wo = w[s] * static_cast<float>(scale_out);
+      float* mrow = mp + t * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        h[i] = silu(gate[i]) * up[i];
+        mrow[i] += ws * h[i];
+      }
+      const int64_t nnz = values_out.size(1);
+      const float* v = values_out.data_ptr<float>() + e * nnz;
+      const int32_t* f = index_out.data_ptr<int32_t>() + e * nnz;
+      float* erow = ep + t * hidden;
+      for (int64_t n = 0; n < nnz; ++n) erow[f[n] / inter] += wo * v[n] * h[f[n] % inter];
+    }
+  }
+  return at::mm(mixed, w_down.t()).add_(extra);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_decode", &lowrank_decode, "DeRS low-rank layer for a few tokens (CPU, float32, gated SiLU)");
+  m.def("sparse_decode", &sparse_decode, "DeRS sparse layer for a few tokens (CPU, float32, gated SiLU)");
 }
