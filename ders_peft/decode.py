@@ -119,29 +119,45 @@ def _base_sources(layer, adapter: str) -> list[tuple[dict, str]]:
     return pairs
 
 
-def _still_valid(entry: tuple, modules: tuple) -> bool:
-    """The cached pack was built from these very modules and tensors, none modified in place since."""
-    built_from, sources, versions = entry[0], entry[1], entry[2]
-    if any(a is not b for a, b in zip(built_from, modules, strict=True)):
-        return False
-    for (params, name), (tensor, version) in zip(sources, versions, strict=True):
-        current = params[name]
-        if current is not tensor or current._version != version:
+def _checks(layer, adapter: str, ins, out) -> tuple | None:
+    """What a cached pack depends on, as ``(container, key, object, version)`` entries: the router, delta and
+    activation modules (identity; ``version`` None) and every tensor of :func:`_sources` (identity and in-place
+    version). ``None`` for inference tensors, which have no version counter (then the pack is rebuilt every call)."""
+    lay = layer.layout
+    deltas = layer.ders_delta[adapter]
+    base = layer.base_layer
+    act_holder = base._modules if lay.act_attr in base._modules else base.__dict__
+    checks = [
+        (layer.ders_router._modules, adapter, layer.ders_router[adapter], None),
+        (layer.ders_delta._modules, adapter, deltas, None),
+        (act_holder, lay.act_attr, ffn.activation(base, lay), None),
+    ]
+    checks += [(deltas._modules, name, d, None) for name, d in zip(lay.projs, (*ins, out), strict=True)]
+    try:
+        checks += [(ps, name, ps[name], ps[name]._version) for ps, name in _sources(layer, adapter, ins, out)]
+    except RuntimeError:
+        return None
+    return tuple(checks)
+
+
+def _still_valid(checks: tuple) -> bool:
+    """None of the pack's modules or tensors was replaced, and no tensor was modified in place since it was built."""
+    for holder, key, obj, version in checks:
+        current = holder.get(key)
+        if current is not obj or (version is not None and current._version != version):
             return False
     return True
 
 
 def _lowrank_pack(layer, adapter: str, deltas, dtype: torch.dtype) -> dict | None:
-    """Small stacked tensors of the low-rank path, cached until one of their source tensors is replaced or modified
-    in place (``_version``)."""
+    """Small stacked tensors of the low-rank path, cached until one of their source modules or tensors is replaced or
+    a tensor is modified in place (``_version``)."""
+    entry = _PACKS.get(layer, {}).get(adapter)
+    if entry is not None and entry[1] is dtype and _still_valid(entry[0]):
+        return entry[2]
     lay = layer.layout
     ins = [deltas[n] for n in lay.in_projs]
     out = deltas[lay.out_proj]
-    modules = (layer.ders_router[adapter], *ins, out, ffn.activation(layer.base_layer, lay))
-    cache = _PACKS.setdefault(layer, {})
-    entry = cache.get(adapter)
-    if entry is not None and _still_valid(entry, modules):
-        return entry[3]
     router = layer.ders_router[adapter].weight
     if router.dtype != dtype or any(d.lora_a.weight.dtype != dtype for d in (*ins, out)):
         return None
@@ -159,12 +175,9 @@ def _lowrank_pack(layer, adapter: str, deltas, dtype: torch.dtype) -> dict | Non
             "width": out.num_experts * out.rank,
             "kernel": _UNSET,  # the compiled kernel's arguments, built at its first use
         }
-    sources = _sources(layer, adapter, ins, out)
-    try:
-        versions = [(params[name], params[name]._version) for params, name in sources]
-    except RuntimeError:  # inference tensors have no version counter: rebuild every call
-        return pack
-    cache[adapter] = (modules, sources, versions, pack)
+    checks = _checks(layer, adapter, ins, out)
+    if checks is not None:
+        _PACKS.setdefault(layer, {})[adapter] = (checks, dtype, pack)
     return pack
 
 

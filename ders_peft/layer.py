@@ -193,7 +193,10 @@ class DeRSLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------ helpers
     def _single_active(self) -> str | None:
-        active = [a for a in self.active_adapters if a in self.ders_router]
+        adapters = self.active_adapters
+        if len(adapters) == 1:  # the usual case, without building a list (this runs at every generated token)
+            return adapters[0] if adapters[0] in self.ders_router else None
+        active = [a for a in adapters if a in self.ders_router]
         if len(active) > 1:
             raise ValueError(
                 f"DeRS layers run one adapter at a time, but {active} are active: call set_adapter(<one name>)."

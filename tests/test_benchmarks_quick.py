@@ -68,7 +68,7 @@ def check_generation_page(data, page):
     assert f"met in {int(ratio >= 0.85)} of 1 sections" in page
     kernel = data["sections"][0]["x_dense"]["ders_kernel"]
     assert f"With the compiled CPU decode kernel: **{kernel:.2f}x** (goal >= 0.95x: " in page
-    assert f"met in {int(kernel >= 0.95)} of 1 low-rank sections" in page
+    assert f"met in {int(kernel >= 0.95)} of 1 low-rank and sparse sections" in page
 
 
 def check_thresholds(data):
