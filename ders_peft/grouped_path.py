@@ -111,6 +111,9 @@ class ExpertOp:
         """Add the gradient of the product with respect to expert e's part of ``params`` into ``grads``."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drop whatever the op built for the products of one pass (called after forward and after backward)."""
+
 
 @dataclass(frozen=True)
 class SparseOp(ExpertOp):
@@ -123,6 +126,7 @@ class SparseOp(ExpertOp):
     csr: _CSRLayout | None  # CSR mode
     delta: SparseDelta | None = None  # CSR mode: where the transposed layout is built, when backward needs it
     flat: torch.Tensor | None = None  # dense mode: the delta's own int32 flat positions (E, nnz), no copy
+    last: dict = field(default_factory=dict, compare=False)  # dense mode: the last expert's matrix (one at a time)
 
     @classmethod
     def of(cls, delta: SparseDelta) -> SparseOp:
@@ -144,15 +148,26 @@ class SparseOp(ExpertOp):
         c = self.csr
         return _csr(c.crow[e], c.col[e], _in_order(values, c.perm[e]), (self.out_features, self.in_features))
 
-    def _dense(self, e: int, values: torch.Tensor) -> torch.Tensor:
-        """Expert e's delta as a transient dense ``(out, in)`` matrix (dense mode)."""
-        full = values.new_zeros(self.out_features * self.in_features)
-        return full.index_put_((self.flat[e],), values).view(self.out_features, self.in_features)
+    def _dense(self, e: int, params: tuple) -> torch.Tensor:
+        """Expert e's delta as a transient dense ``(out, in)`` matrix (dense mode). The op lives for one layer call
+        and keeps the last matrix it built: consecutive runs of slots of the same expert (the slots are sorted by
+        expert) and the products of one run reuse it, and at most one expert's matrix exists at a time."""
+        values = params[0]
+        key = (e, values.data_ptr(), values._version)
+        if self.last.get("key") != key:
+            self.last.clear()  # free the previous expert's matrix before building the next
+            full = values.new_zeros(self.out_features * self.in_features)
+            full.index_put_((self.flat[e],), values[e])
+            self.last.update(key=key, matrix=full.view(self.out_features, self.in_features))
+        return self.last["matrix"]
+
+    def release(self) -> None:
+        self.last.clear()
 
     def add_product(self, e, inp, params, out) -> None:
         values = params[0][e]
         if self.flat is not None:
-            out.addmm_(inp, self._dense(e, values).t())
+            out.addmm_(inp, self._dense(e, params).t())
         elif self.csr is not None:
             out.add_((self._matrix(e, _csr_dtype(values)) @ _csr_dtype(inp).t()).t())
         else:
@@ -161,7 +176,7 @@ class SparseOp(ExpertOp):
     def grad_input(self, e, grad, params) -> torch.Tensor:
         values = params[0][e]
         if self.flat is not None:
-            return grad @ self._dense(e, values)
+            return grad @ self._dense(e, params)
         if self.csr is not None:
             return (self._matrix(e, _csr_dtype(values), transpose=True) @ _csr_dtype(grad).t()).t().to(grad.dtype)
         out = grad.new_zeros(grad.shape[0], self.in_features)
@@ -352,6 +367,8 @@ class _GroupedSlots(torch.autograd.Function):
                 out = h.new_zeros(b - a, out_op.out_features)
                 out_op.add_product(e, h[a:b], out_params, out)
                 y_delta.index_add_(0, tok[a:b], out.mul_(state.w[c0 + a : c0 + b, None]))
+        for op in spec.ops:  # nothing built for this pass is held until backward
+            op.release()
         return mixed, y_delta
 
     @staticmethod
@@ -403,6 +420,8 @@ class _GroupedSlots(torch.autograd.Function):
                 d_x.index_add_(0, tok, d_x_s)
             if d_base is not None:
                 d_base.index_add_(0, tok, d_pre)
+        for op in spec.ops:
+            op.release()
         d_weights = None
         if need[3]:
             d_weights = weights.new_zeros(weights.numel()).index_copy_(0, spec.order, d_w_sorted).view(weights.shape)
@@ -430,9 +449,12 @@ def _activation_backward(spec: _Spec, pre: torch.Tensor, a_gate: torch.Tensor | 
     return d_pre
 
 
-GROUPED_CHUNK_ELEMENTS = 2**22
+GROUPED_CHUNK_ELEMENTS = 2**20
 """The grouped path works on runs of sorted slots whose pre-activations ``(rows, P)`` hold about this many elements
-(16 MiB in fp32): its per-slot temporaries stay that size instead of growing with slots x intermediate; tunable."""
+(4 MiB in fp32): its per-slot temporaries stay that size instead of growing with slots x intermediate; tunable.
+Measured (benchmarks/train_step.py memory children, fixed glibc thresholds, 2026-12-03): peak of DeRS-SM p=0.9999 /
+p=0.9 at 2**22: 398 / 453 MB, 2**20: 351 / 405 MB, 2**19: 337 / 394 MB, the last with p=0.9's step about 15% slower
+than at 2**20 (its per-chunk overhead)."""
 
 
 class _State:
