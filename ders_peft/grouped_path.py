@@ -155,11 +155,16 @@ class SparseOp(ExpertOp):
         values = params[0]
         key = (e, values.data_ptr(), values._version)
         if self.last.get("key") != key:
-            self.last.clear()  # free the previous expert's matrix before building the next
-            full = values.new_zeros(self.out_features * self.in_features)
-            full.index_put_((self.flat[e],), values[e])
-            self.last.update(key=key, matrix=full.view(self.out_features, self.in_features))
+            full = self._buffer("matrix", values)  # one buffer per pass: a fresh one per expert would page-fault
+            full.zero_().view(-1).index_put_((self.flat[e],), values[e])
+            self.last["key"] = key
         return self.last["matrix"]
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self.last.get(name)
+        if buf is None or buf.dtype != like.dtype:
+            buf = self.last[name] = like.new_empty(self.out_features, self.in_features)
+        return buf
 
     def release(self) -> None:
         self.last.clear()
@@ -185,7 +190,8 @@ class SparseOp(ExpertOp):
     def add_grad_params(self, e, grad, inp, params, grads) -> None:
         # (grad^T inp) at the expert's positions
         if self.flat is not None:
-            grads[0][e] += (grad.t() @ inp).view(-1).index_select(0, self.flat[e])
+            full = torch.mm(grad.t(), inp, out=self._buffer("grad", grad))
+            grads[0][e] += full.view(-1).index_select(0, self.flat[e])
             return
         if self.csr is None:
             grads[0][e] += (grad.index_select(1, self.rows[e]) * inp.index_select(1, self.cols[e])).sum(0)
