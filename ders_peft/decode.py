@@ -200,12 +200,18 @@ def _biases(layer, adapter: str) -> dict[str, torch.Tensor]:
     return {n: holder[n].weight for n in holder}
 
 
+def _kernel_layout_ok(layer, adapter: str) -> bool:
+    """The compiled kernel's structural conditions: a gated SiLU FFN without per-expert biases."""
+    lay = layer.layout
+    return lay.gated and not _biases(layer, adapter) and ffn.is_silu(ffn.activation(layer.base_layer, lay))
+
+
 def _kernel_args(layer, adapter: str, pack: dict) -> tuple | None:
     """The compiled kernel's tensor and size arguments (expert-major copies of the small factors, so that a slot reads
     only its own expert's rows), or ``None`` where the kernel does not apply: not a gated SiLU FFN, biases, not
     float32, a base weight that is not a plain ``weight`` parameter."""
     lay = layer.layout
-    if not lay.gated or _biases(layer, adapter) or not ffn.is_silu(ffn.activation(layer.base_layer, lay)):
+    if not _kernel_layout_ok(layer, adapter):
         return None
     weights = [layer.base_weight(adapter, n) for n in lay.projs]
     if pack["stacked"].dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
@@ -239,12 +245,12 @@ def _compiled(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch
 
 def _compiled_sparse(layer, adapter, config, deltas, weights, router, x: torch.Tensor) -> torch.Tensor | None:
     """A sparse layer through the compiled CPU kernel, or ``None`` where it does not apply (as for low-rank)."""
-    lay = layer.layout
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not lay.gated:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     kernel = kernels.decode_kernel()
-    if kernel is None or _biases(layer, adapter) or not ffn.is_silu(ffn.activation(layer.base_layer, lay)):
+    if kernel is None or not _kernel_layout_ok(layer, adapter):
         return None
+    lay = layer.layout
     ins, out = [deltas[n] for n in lay.in_projs], deltas[lay.out_proj]
     if any(d.indices.dtype != torch.int32 for d in (*ins, out)):
         return None
