@@ -20,6 +20,7 @@ from . import ffn
 from .deltas import Delta, LowRankDelta
 from .grouped_path import grouped_routed_ffn
 from .grouped_path import supports as grouped_supports
+from .kernels import lowrank_train
 from .routing import RoutingPlan
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -42,7 +43,7 @@ def routed_ffn(
     ``in_base``/``out_base`` are ``(out, in)`` base weights (``None`` where the deltas hold whole expert weights);
     ``in_bias``/``out_bias`` are ``(E, out)`` per-expert biases or ``None``.
     """
-    if _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias):
+    if _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias, act, gated):
         return lowrank_routed_ffn(x, plan, in_base, out_base, in_deltas, out_delta, out_bias, act, gated)
     if grouped_supports([*in_deltas, out_delta]) and all(w is not None for w in (*in_base, out_base)):
         return grouped_routed_ffn(x, plan, in_base, out_base, in_deltas, out_delta, in_bias, out_bias, act, gated)
@@ -81,7 +82,12 @@ dense layer): E*r = 16: 1.38 / 2.03; 32: 1.45 / 1.99; 64 (E=16, r=4): 1.62 / 2.0
 above this constant."""
 
 
-def _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias) -> bool:
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias, act, gated) -> bool:
     deltas = [*in_deltas, out_delta]
     if not all(type(d) is LowRankDelta for d in deltas) or any(b is not None for b in in_bias):
         return False
@@ -91,7 +97,10 @@ def _lowrank_fast_path(x, in_base, out_base, in_deltas, out_delta, in_bias) -> b
         return False
     if len({(d.num_experts, d.rank) for d in deltas}) != 1 or len(in_deltas) not in (1, 2):
         return False
-    return out_delta.num_experts * out_delta.rank <= STACKED_MAX_COLUMNS
+    if out_delta.num_experts * out_delta.rank <= STACKED_MAX_COLUMNS:
+        return True
+    # the compiled kernel's per-slot work does not grow with experts x rank: it takes wide factors too
+    return lowrank_train.applies(x, _compute_dtype(x), out_delta.rank, ffn.is_silu(act), gated)
 
 
 def lowrank_routed_ffn(
@@ -120,14 +129,27 @@ def lowrank_routed_ffn(
     base = x @ w_in.t()  # (T, sum of out_j): every input projection's base product in one matmul
     z = x @ a_in.to(x.dtype).t()  # (T, n_in * E*r): likewise their A products
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    # under autocast: one compute dtype, cast outside (autograd casts grads back)
-    flat = [t.to(dtype) for t in (z, base, *(_scaled_b(d) for d in in_deltas))]
-    mask = slot_rank_mask(plan, out_delta.rank, dtype)
-    with torch.autocast(device, enabled=False):
-        mixed, z_out = _LowRankSlots.apply(
-            (act, gated), plan.weights.to(dtype), mask, out_delta.lora_a.weight.to(dtype), *flat
+    dtype = _compute_dtype(x)
+    if lowrank_train.applies(x, dtype, out_delta.rank, ffn.is_silu(act), gated):  # the compiled CPU kernel
+        f32 = torch.float32
+        mixed, z_out = lowrank_train.slots(
+            plan.weights,
+            plan.expert_idx,
+            z.to(f32),
+            base,
+            [_scaled_b(d).to(f32) for d in in_deltas],
+            out_delta.lora_a.weight.to(f32),
+            out_delta.num_experts,
+            out_delta.rank,
         )
+    else:
+        # under autocast: one compute dtype, cast outside (autograd casts grads back)
+        flat = [t.to(dtype) for t in (z, base, *(_scaled_b(d) for d in in_deltas))]
+        mask = slot_rank_mask(plan, out_delta.rank, dtype)
+        with torch.autocast(device, enabled=False):
+            mixed, z_out = _LowRankSlots.apply(
+                (act, gated), plan.weights.to(dtype), mask, out_delta.lora_a.weight.to(dtype), *flat
+            )
     y = torch.addmm(mixed @ out_base.t(), z_out, _scaled_b(out_delta).to(z_out.dtype).t())
     if out_bias is not None:
         y = y + plan.gate_matrix(y.dtype) @ out_bias.to(y.dtype)

@@ -45,3 +45,14 @@ def assert_close_bf16(got: torch.Tensor, want: torch.Tensor, what: str = "output
     err = float((got - want).abs().max() / scale)
     assert err <= BF16_REL_TOL, f"{what}: bf16 error {err:.4f} of max|want| exceeds {BF16_REL_TOL}"
     return err
+
+
+@pytest.fixture(scope="session")
+def built_kernels():
+    """The compiled CPU kernels (``ders_peft.kernels``), built once per run; skips where no compiler or ninja."""
+    from ders_peft import kernels
+
+    try:
+        return kernels.build()
+    except RuntimeError as err:
+        pytest.skip(str(err))

@@ -12,14 +12,16 @@ Nothing here is needed: without a compiler the library runs unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import shutil
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 ENV_VAR = "DERS_PEFT_CPU_KERNELS"
-SOURCE = Path(__file__).with_name("decode_cpu.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("bindings.cpp", "decode_cpu.cpp", "train_cpu.cpp")]
 _state: dict = {"enabled": None, "module": None}  # enabled: None until decided (env var read at first use)
 
 
@@ -35,11 +37,27 @@ def build(verbose: bool = False) -> ModuleType:
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ders_peft CPU kernels need ninja: pip install ninja (or the `kernels` extra)")
     if verbose:
-        print(f"ders_peft: compiling {SOURCE.name} (once per machine, about 30 s)...", flush=True)
+        print("ders_peft: compiling the CPU kernels (once per machine, about a minute)...", flush=True)
+    name, flags = _target()
     _state["module"] = cpp_extension.load(
-        name="ders_peft_cpu_kernels", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False
+        name=name, sources=[str(s) for s in SOURCES], extra_cflags=["-O3", "-fopenmp-simd", *flags], verbose=False
     )
     return _state["module"]
+
+
+def _target() -> tuple[str, list[str]]:
+    """Extension name and machine flags: on x86-64 Linux the build uses this CPU's vector instructions
+    (``-march=native``), so its name carries a hash of the CPU's feature flags (a cache shared by different CPUs keeps
+    one build per CPU kind)."""
+    if platform.system() != "Linux" or platform.machine() not in {"x86_64", "AMD64"}:
+        return "ders_peft_cpu_kernels", []
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "ders_peft_cpu_kernels", []
+    digest = hashlib.sha1(flags.encode()).hexdigest()[:10]
+    # 512-bit vectors where the CPU has them: the training kernel's loops run about 1.5x faster than with 256
+    return f"ders_peft_cpu_kernels_{digest}", ["-march=native", "-mprefer-vector-width=512"]
 
 
 def enable_cpu_kernels(verbose: bool = True) -> None:

@@ -210,8 +210,3 @@ torch::Tensor sparse_decode(const torch::Tensor& x, const std::vector<torch::Ten
   }
   return at::mm(mixed, w_down.t()).add_(extra);
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lowrank_decode", &lowrank_decode, "DeRS low-rank layer for a few tokens (CPU, float32, gated SiLU)");
-  m.def("sparse_decode", &sparse_decode, "DeRS sparse layer for a few tokens (CPU, float32, gated SiLU)");
-}
