@@ -69,14 +69,16 @@ class Arm:
     shared_expert: bool = False
     train_base: bool = True
     lora_rank: int = 0
+    cpu_kernels: bool = False  # ders_peft's compiled CPU kernels on (ders_peft.enable_cpu_kernels)
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 def ders_arm(delta_type: str, n: int = 4, k: int = 2, rank: int = 4, rate: float = 0.9999, shared: bool = False,
-             train_base: bool = True) -> Arm:  # fmt: skip
+             train_base: bool = True, cpu_kernels: bool = False) -> Arm:  # fmt: skip
     tag = {"lowrank": f"lm_r{rank}", "sparse": f"sm_{rate}", "full": "full"}[delta_type]
     name = f"ders_{tag}_N{n}k{k}" + ("_shared" if shared else "") + ("" if train_base else "_frozenbase")
-    return Arm(name, "ders", n, k, delta_type, rank, rate, shared, train_base)
+    name += "_cpukernel" if cpu_kernels else ""
+    return Arm(name, "ders", n, k, delta_type, rank, rate, shared, train_base, cpu_kernels=cpu_kernels)
 
 
 def mixtral_arm(n: int = 4, k: int = 2, eager: bool = False) -> Arm:
@@ -92,6 +94,7 @@ def main_group(lora_rank: int) -> list[Arm]:
         mixtral_arm(),
         mixtral_arm(eager=True),
         *[ders_arm("lowrank", rank=r) for r in (1, 4, 16)],
+        ders_arm("lowrank", rank=4, cpu_kernels=True),
         ders_arm("lowrank", rank=4, train_base=False),
         *[ders_arm("sparse", rate=p) for p in (0.9999, 0.999, 0.9)],
     ]
@@ -113,6 +116,7 @@ def quick_groups(lora_rank: int) -> tuple[list[Arm], list[Arm]]:
         ders_arm("full"),
         mixtral_arm(),
         ders_arm("lowrank", rank=4),
+        ders_arm("lowrank", rank=4, cpu_kernels=True),
         ders_arm("sparse", rate=0.999),
     ]
     return main, [Arm("dense_full_ft", "dense"), ders_arm("lowrank", 4, 1, shared=True)]
@@ -190,7 +194,16 @@ def build(arm: Arm, shape: Shape) -> tuple[torch.nn.Module, list[torch.nn.Parame
             model = _peft(model, cfg)
             added = ders_peft.parameter_report(model).added_params
     model.train()
+    model.ders_cpu_kernels = arm.cpu_kernels
     return model, [p for p in model.parameters() if p.requires_grad], added
+
+
+def use_cpu_kernels(on: bool) -> None:
+    """Switch ders_peft's compiled CPU kernels on or off (arms of one process alternate)."""
+    if on:
+        ders_peft.enable_cpu_kernels(verbose=False)
+    else:
+        ders_peft.disable_cpu_kernels()
 
 
 def _peft(model, cfg):
@@ -211,8 +224,10 @@ def make_step(model: torch.nn.Module, params: list[torch.nn.Parameter], shape: S
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen)
     opt = torch.optim.AdamW(params, lr=1e-4)
+    cpu_kernels = getattr(model, "ders_cpu_kernels", False)
 
     def step() -> None:
+        use_cpu_kernels(cpu_kernels)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -314,11 +329,15 @@ def layer_part(shape: Shape, reps: int, warmup: int, log) -> dict:
         generic = with_paths(lambda: lm(x), stacked=False, grouped=False)()
         grouped = with_paths(lambda: lm(x), stacked=False)()
         loop = factorised_loop_ffn(lm, x)
-    max_err = max(float((other - ref).abs().max()) for other in (generic, grouped, loop))
+        use_cpu_kernels(True)
+        compiled = lm(x)
+        use_cpu_kernels(False)
+    max_err = max(float((other - ref).abs().max()) for other in (generic, grouped, loop, compiled))
     log(f"layer paths agree to {max_err:.2e}")
 
-    def fwd_bwd(fn):
+    def fwd_bwd(fn, cpu_kernels: bool = False):
         def run():
+            use_cpu_kernels(cpu_kernels)
             out = fn()
             out.float().pow(2).mean().backward()
 
@@ -327,6 +346,7 @@ def layer_part(shape: Shape, reps: int, warmup: int, log) -> dict:
     arms = {
         "dense_ffn": fwd_bwd(lambda: dense(x)),
         "ders_lm_fast": fwd_bwd(lambda: lm(x)),
+        "ders_lm_fast_cpukernel": fwd_bwd(lambda: lm(x), cpu_kernels=True),
         "ders_lm_stacked_masked": fwd_bwd(with_paths(lambda: lm(x), stacked=False, grouped=False)),
         "ders_lm_grouped": fwd_bwd(with_paths(lambda: lm(x), stacked=False)),
         "ders_lm_factorised_loop": fwd_bwd(lambda: factorised_loop_ffn(lm, x)),
@@ -431,6 +451,12 @@ def targets(results: dict, lora_name: str) -> list[dict]:
         ("whole step: DeRS-LM / MixtralForCausalLM", t[lm] / t["mixtral_N4k2"], 0.8),
         ("FFN layer: DeRS-LM fast / dense FFN", results["layer"]["ratio_to_dense"]["ders_lm_fast"], 1.4),
     ]
+    ratios = results["layer"]["ratio_to_dense"]
+    if "ders_lm_fast_cpukernel" in ratios:
+        rows.append(("FFN layer: DeRS-LM + CPU kernel / dense FFN", ratios["ders_lm_fast_cpukernel"], 1.12))
+    kernel_arm = lm + "_cpukernel"
+    if kernel_arm in main:
+        rows.append(("whole step: DeRS-LM + CPU kernel / dense full FT", t[kernel_arm] / t["dense_full_ft"], 1.3))
     mem = results.get("memory", {})
     if lm in mem and lora_name in mem and mem[lora_name]["peak_over_start_mb"] > 0:
         ref = mem[lora_name]["peak_over_start_mb"]

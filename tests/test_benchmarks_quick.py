@@ -28,7 +28,9 @@ def numbers(value, path="$"):
 
 def check_train_step(data):
     main = data["step"]["main"]
-    assert {"dense_full_ft", "ders_full_N4k2", "mixtral_N4k2", "ders_lm_r4_N4k2", "ders_sm_0.999_N4k2"} <= set(main)
+    arms = {"dense_full_ft", "ders_full_N4k2", "mixtral_N4k2", "ders_lm_r4_N4k2", "ders_lm_r4_N4k2_cpukernel"}
+    assert arms | {"ders_sm_0.999_N4k2"} <= set(main)
+    assert "ders_lm_fast_cpukernel" in data["layer"]["times_s"]
     assert any(name.startswith("dense_lora_r") for name in main)
     assert data["memory"] and set(data["memory"]) <= set(main) | set(data["step"]["grid"])
     for name, arm in main.items():
