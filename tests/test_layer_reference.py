@@ -40,19 +40,25 @@ def raw_expert_weights(layer, adapter: str) -> dict[str, torch.Tensor] | None:
     return out
 
 
-def reference_layer_output(layer, x: torch.Tensor) -> torch.Tensor:
-    """Naive output of a DeRS layer: route independently, then loop over explicitly synthesised experts."""
-    adapter = layer.active_adapters[0]
+def reference_routing(layer, adapter: str, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert indices and weights ``(T, S)`` of tokens ``xf``, computed independently of ``ders_peft.routing``:
+    softmax, top-k, optional renormalisation, the universal expert at weight 0.5 (differentiable in the router)."""
     cfg = layer.ders_settings[adapter]
-    xf = x.reshape(-1, x.shape[-1])
-    logits = xf @ layer.ders_router[adapter].weight.t()
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(xf @ layer.ders_router[adapter].weight.t(), dim=-1)
     w, idx = torch.topk(probs, cfg.top_k, dim=-1)
     if cfg.normalize_top_k:
         w = w / w.sum(-1, keepdim=True)
     if cfg.shared_expert:
         idx = torch.cat([idx, torch.full_like(idx[:, :1], cfg.num_experts)], 1)
         w = torch.cat([w, torch.ones_like(w[:, :1])], 1) * 0.5
+    return idx, w
+
+
+def reference_layer_output(layer, x: torch.Tensor) -> torch.Tensor:
+    """Naive output of a DeRS layer: route independently, then loop over explicitly synthesised experts."""
+    adapter = layer.active_adapters[0]
+    xf = x.reshape(-1, x.shape[-1])
+    idx, w = reference_routing(layer, adapter, xf)
     weights = raw_expert_weights(layer, adapter) or layer.expert_weights(adapter)
     own = layer.ders_bias[adapter] if adapter in layer.ders_bias else {}
     biases = {n: own[n].weight if n in own else None for n in layer.layout.projs}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from ders_testing import ders_layers, randomize_adapter, tiny_model
 from peft import get_peft_model
-from test_layer_reference import raw_expert_weights
+from test_layer_reference import raw_expert_weights, reference_routing
 
 import ders_peft
 from ders_peft import ffn, kernels
@@ -40,14 +40,7 @@ def _layer(family="llama", dtype=torch.float32, **cfg_kw):
 def _synthesised(layer, x: torch.Tensor) -> torch.Tensor:
     """The layer as a naive MoE over explicitly synthesised experts, differentiable in every trainable tensor."""
     adapter = layer.active_adapters[0]
-    cfg = layer.ders_settings[adapter]
-    probs = torch.softmax(x @ layer.ders_router[adapter].weight.t(), dim=-1)
-    w, idx = torch.topk(probs, cfg.top_k, dim=-1)
-    if cfg.normalize_top_k:
-        w = w / w.sum(-1, keepdim=True)
-    if cfg.shared_expert:
-        idx = torch.cat([idx, torch.full_like(idx[:, :1], cfg.num_experts)], 1)
-        w = torch.cat([w, torch.ones_like(w[:, :1])], 1) * 0.5
+    idx, w = reference_routing(layer, adapter, x)
     weights, lay = raw_expert_weights(layer, adapter), layer.layout
     ins = [weights[n] for n in lay.in_projs]
     act = ffn.activation(layer.base_layer, lay)

@@ -91,6 +91,7 @@ void forward_rows(int64_t t0, int64_t t1, const Shapes& sh, const float* base, c
       const float* __restrict Bg = bg + e * R * I;
       const float* __restrict Bu = bu + e * R * I;
       const float* __restrict A = a + e * R * I;
+      // (written out here and in backward: an inline helper with reference outputs stops GCC 12 vectorising the loop)
 #pragma omp simd
       for (int64_t i = 0; i < I; ++i) {
         float g = G[i], u = U[i];
