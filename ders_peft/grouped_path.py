@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -114,6 +114,11 @@ class ExpertOp:
     def release(self) -> None:
         """Drop whatever the op built for the products of one pass (called after forward and after backward)."""
 
+    def sharing(self, scratch: dict) -> ExpertOp:
+        """This op, drawing its transient work buffers from ``scratch``, one dict shared by the ops of one layer call
+        (so the layer holds one such buffer, not one per projection)."""
+        return self
+
 
 @dataclass(frozen=True)
 class SparseOp(ExpertOp):
@@ -127,6 +132,7 @@ class SparseOp(ExpertOp):
     delta: SparseDelta | None = None  # CSR mode: where the transposed layout is built, when backward needs it
     flat: torch.Tensor | None = None  # dense mode: the delta's own int32 flat positions (E, nnz), no copy
     last: dict = field(default_factory=dict, compare=False)  # dense mode: the last expert's matrix (one at a time)
+    scratch: dict = field(default_factory=dict, compare=False)  # dense mode: the value-gradient buffer (shared)
 
     @classmethod
     def of(cls, delta: SparseDelta) -> SparseOp:
@@ -154,20 +160,28 @@ class SparseOp(ExpertOp):
         expert) and the products of one run reuse it, and at most one expert's matrix exists at a time."""
         values = params[0]
         key = (e, values.data_ptr(), values._version)
+        full = self._buffer("matrix", values)  # one buffer per pass: a fresh one per expert would page-fault
         if self.last.get("key") != key:
-            full = self._buffer("matrix", values)  # one buffer per pass: a fresh one per expert would page-fault
             full.zero_().view(-1).index_put_((self.flat[e],), values[e])
             self.last["key"] = key
-        return self.last["matrix"]
+        return full
 
-    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        buf = self.last.get(name)
+    def _buffer(self, name: str, like: torch.Tensor, store: dict | None = None) -> torch.Tensor:
+        """A ``(out, in)`` work buffer kept in ``store`` (default: this op's own) across one pass; ops of the same
+        size share one flat buffer when their ``store`` is shared."""
+        store = self.last if store is None else store
+        key = (name, self.out_features * self.in_features)
+        buf = store.get(key)
         if buf is None or buf.dtype != like.dtype:
-            buf = self.last[name] = like.new_empty(self.out_features, self.in_features)
-        return buf
+            buf = store[key] = like.new_empty(key[1])
+        return buf.view(self.out_features, self.in_features)
 
     def release(self) -> None:
         self.last.clear()
+        self.scratch.clear()
+
+    def sharing(self, scratch: dict) -> SparseOp:
+        return replace(self, scratch=scratch)
 
     def add_product(self, e, inp, params, out) -> None:
         values = params[0][e]
@@ -190,7 +204,7 @@ class SparseOp(ExpertOp):
     def add_grad_params(self, e, grad, inp, params, grads) -> None:
         # (grad^T inp) at the expert's positions
         if self.flat is not None:
-            full = torch.mm(grad.t(), inp, out=self._buffer("grad", grad))
+            full = torch.mm(grad.t(), inp, out=self._buffer("grad", grad, self.scratch))  # read out at once
             grads[0][e] += full.view(-1).index_select(0, self.flat[e])
             return
         if self.csr is None:
@@ -318,7 +332,8 @@ def grouped_routed_ffn(
     w_in = torch.cat(list(in_base)) if len(in_base) > 1 else in_base[0]
     base = x @ w_in.t()  # (T, sum of out_j): every input projection's base product in one matmul
     deltas = [*in_deltas, out_delta]
-    ops = [EXPERT_OPS[type(d)](d) for d in deltas]
+    scratch: dict = {}  # the ops' shared work buffers, for this call only
+    ops = [EXPERT_OPS[type(d)](d).sharing(scratch) for d in deltas]
     params = [tuple(p.to(dtype) for p in type(op).params_of(d)) for op, d in zip(ops, deltas, strict=True)]
     biases = [b.to(dtype) for b in in_bias if b is not None]
     has_bias = tuple(b is not None for b in in_bias)
@@ -366,7 +381,7 @@ class _GroupedSlots(torch.autograd.Function):
         mixed = x.new_zeros(base.shape[0], base.shape[1] // (2 if spec.gated else 1))
         y_delta = x.new_zeros(x.shape)
         for c0, c1, segments in state.chunks():
-            _, h, _ = state.hidden(c0, c1, segments)
+            _, h, _ = state.hidden(c0, c1, segments, state.inputs(c0, c1))
             tok = state.tok[c0:c1]
             mixed.index_add_(0, tok, h * state.w[c0:c1, None])
             for e, a, b in segments:
@@ -396,7 +411,8 @@ class _GroupedSlots(torch.autograd.Function):
         d_w_sorted = weights.new_empty(weights.numel())
         for c0, c1, segments in state.chunks():
             tok, w = state.tok[c0:c1], state.w[c0:c1, None]
-            pre, h, a_gate = state.hidden(c0, c1, segments)
+            xs = state.inputs(c0, c1)
+            pre, h, a_gate = state.hidden(c0, c1, segments, xs)
             d_h = d_mixed.index_select(0, tok)
             d_w = torch.sum(h * d_h, dim=-1, out=d_w_sorted[c0:c1])
             d_h.mul_(w)
@@ -408,7 +424,6 @@ class _GroupedSlots(torch.autograd.Function):
                 d_h[a:b] += d_out.mul_(w[a:b])
                 out_op.add_grad_params(e, d_y_s.mul_(w[a:b]), h[a:b], out_params, d_params[-1])
             d_pre = _activation_backward(spec, pre, a_gate, d_h)
-            xs = state.xs[c0:c1]
             d_x_s = xs.new_zeros(xs.shape) if d_x is not None else None
             col, bias_at = 0, 0
             for j, op in enumerate(spec.ops[:-1]):
@@ -481,8 +496,12 @@ class _State:
             if n:
                 self.segments.append((e, start, start + n))
             start += n
-        self.xs = x.index_select(0, self.tok)
+        self.x = x
         self.base = base
+
+    def inputs(self, c0: int, c1: int) -> torch.Tensor:
+        """The input rows ``(n, hidden)`` of sorted slots ``c0:c1`` (gathered per chunk, never for all slots)."""
+        return self.x.index_select(0, self.tok[c0:c1])
 
     def chunks(self):
         """``(start, stop, segments)`` per run of sorted slots; ``segments`` are ``(expert, a, b)`` relative to
@@ -494,11 +513,11 @@ class _State:
             clipped = [(e, max(a, c0) - c0, min(b, c1) - c0) for e, a, b in self.segments if a < c1 and b > c0]
             yield c0, c1, clipped
 
-    def hidden(self, c0: int, c1: int, segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Pre-activations ``(n, P)``, ``h`` ``(n, I)`` and ``act(gate)`` (gated only) of sorted slots ``c0:c1``."""
+    def hidden(self, c0: int, c1: int, segments, xs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Pre-activations ``(n, P)``, ``h`` ``(n, I)`` and ``act(gate)`` (gated only) of sorted slots ``c0:c1``,
+        whose input rows are ``xs``."""
         spec = self.spec
         pre = self.base.index_select(0, self.tok[c0:c1])
-        xs = self.xs[c0:c1]
         col, bias_at = 0, 0
         for j, op in enumerate(spec.ops[:-1]):
             cols = slice(col, col + op.out_features)
