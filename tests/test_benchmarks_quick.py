@@ -114,6 +114,31 @@ def test_crossover_brackets(monkeypatch):
     assert thresholds._crossover(rows, "x", "a", "b") == {"a_wins_up_to": None, "b_wins_from": 1, "consistent": True}
 
 
+def test_train_step_memory_goal_rows(monkeypatch):
+    """DeRS-SM p=0.9's memory goal is read against both LoRA arms: the one rank-matched to DeRS-LM and the one with
+    DeRS-SM p=0.9's own trainable count (when the memory part measured it)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_step
+
+    names = ["dense_full_ft", "ders_lm_r4_N4k2", "ders_full_N4k2", "mixtral_N4k2"]
+    results = {
+        "step": {"main": {n: {"median_s": 1.0} for n in names}},
+        "layer": {"ratio_to_dense": {"ders_lm_fast": 1.2}},
+        "memory": {
+            n: {"peak_over_start_mb": mb}
+            for n, mb in [("ders_lm_r4_N4k2", 300), ("dense_lora_r8", 400), ("dense_lora_r12", 500)]
+            + [("ders_sm_0.9_N4k2", 440)]
+        },
+    }
+    rows = {r["what"]: r for r in train_step.targets(results, "dense_lora_r8", "dense_lora_r12")}
+    mine = rows["peak memory: DeRS-SM p=0.9 / dense_lora_r8 (issue 15)"]
+    same = rows["peak memory: DeRS-SM p=0.9 / dense_lora_r12 (same trainable count)"]
+    assert (mine["measured"], mine["target"], mine["met"]) == (1.1, 1.0, False)
+    assert (same["measured"], same["target"], same["met"]) == (0.88, 1.0, True)
+    rows = {r["what"] for r in train_step.targets(results, "dense_lora_r8")}  # no matched arm measured
+    assert not any("same trainable count" in w for w in rows) and "peak memory: DeRS-SM p=0.9 / dense+LoRA" in rows
+
+
 @pytest.mark.parametrize(
     "script,result,check",
     [
