@@ -77,6 +77,14 @@ def peak_rss_mb() -> float:
     return max_rss_mb() if value is None else value
 
 
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+"""glibc settings for child processes whose peak resident set is measured: blocks from 128 KiB on are mapped and
+unmapped on their own and freed heap tops are returned at once, instead of glibc's thresholds that grow with the
+blocks freed so far. The peak resident set then follows the live allocations: the same arm gives the same number in
+every run (with glibc's defaults one arm's peak varied by 25-70 MB between runs of the training-step benchmark, and
+by up to 950 MB between runs of the generation benchmark's sparse arms)."""
+
+
 def run_json_subprocess(args: list[str], timeout: float = 900.0, env: dict[str, str] | None = None) -> dict:
     """Run ``python <args>`` in a fresh process (``env``: extra variables) and parse the last stdout line as JSON."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}

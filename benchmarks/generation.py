@@ -198,12 +198,17 @@ def worker(arm: str, work: Path, size: dict, threads: int) -> None:
 
 # ------------------------------------------------------------------------------------------------------ driver
 class _Worker:
-    def __init__(self, arm: str, work: Path, size: dict, threads: int) -> None:
+    def __init__(self, arm: str, work: Path, size: dict, threads: int, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--work", str(work)]
         cmd += ["--size", json.dumps(size), "--threads", str(threads)]
         self.arm = arm
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
         )
         self._expect("ready")
 
@@ -220,9 +225,10 @@ class _Worker:
         return json.loads(self._expect())
 
 
-def run_arms(work: Path, size: dict, threads: int, in_process: bool) -> dict:
-    """Load every arm (each in its own process unless ``in_process``), then time them in interleaved rounds so that
-    a change of machine load hits every arm alike; one process generates at a time."""
+def run_arms(work: Path, size: dict, threads: int, in_process: bool, env: dict[str, str] | None = None) -> dict:
+    """Load every arm (each in its own process unless ``in_process``; ``env``: extra variables of those processes),
+    then time them in interleaved rounds so that a change of machine load hits every arm alike; one process generates
+    at a time."""
     if in_process:
         arms = {arm: Arm(arm, work, size, threads) for arm in ARMS}
         for _ in range(size["runs"]):
@@ -232,7 +238,7 @@ def run_arms(work: Path, size: dict, threads: int, in_process: bool) -> dict:
     workers = {}
     try:
         for arm in ARMS:
-            workers[arm] = _Worker(arm, work, size, threads)
+            workers[arm] = _Worker(arm, work, size, threads, env)
         for _ in range(size["runs"]):
             for arm in ARMS:
                 workers[arm].ask("run")
@@ -277,14 +283,16 @@ def _model_line(size: dict) -> str:
     )
 
 
-def bench_one(size: dict, ders: dict, threads: int, quick: bool) -> tuple[dict, str]:
+def bench_one(
+    size: dict, ders: dict, threads: int, quick: bool, env: dict[str, str] | None = None
+) -> tuple[dict, str]:
     """Build the checkpoints for one model size, time every arm, check the generated tokens; returns the results and
     the markdown table."""
     with tempfile.TemporaryDirectory(prefix="ders-gen-bench-") as tmp:
         work = Path(tmp)
         build_checkpoints(work, size, ders)
         # --quick runs the arms in this process (fast enough for CI; memory and import isolation not measured)
-        results = run_arms(work, size, threads, in_process=quick)
+        results = run_arms(work, size, threads, in_process=quick, env=env)
     print(_model_line(size))
     for arm, r in results.items():
         print(f"  {arm:12s} {r['tokens_per_s']:8.1f} tok/s  peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
@@ -330,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="only rewrite the markdown page from an existing benchmarks_generation.json (no timing)",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("fixed", "default"),
+        default="fixed",
+        help="glibc thresholds of the arms' processes: fixed (reproducible peak RSS, see _common.FIXED_MALLOC) or "
+        "glibc's default",
+    )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -365,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": _common.command_line("generation.py", argv),
         "machine": _common.machine_note(),
         "commit": _common.git_commit(),
-        "settings": {"threads_per_arm": args.threads, "quick": args.quick, "arms": list(ARMS)},
+        "settings": {"threads_per_arm": args.threads, "quick": args.quick, "arms": list(ARMS), "malloc": args.malloc},
         "sections": [],
     }
     from ders_peft import kernels
@@ -378,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         ders.update({"rank": args.rank} if delta_type == "lowrank" else {})
         ders.update({"sparse_rate": 0.999} if delta_type == "sparse" else {})
         for size in sizes:
-            results, table = bench_one(dict(size), ders, args.threads, args.quick)
+            env = _common.FIXED_MALLOC if args.malloc == "fixed" else None
+            results, table = bench_one(dict(size), ders, args.threads, args.quick, env)
             section = _section(size, ders, results)
             print(table)
             print(f"factorised DeRS / dense tokens/s: {section['x_dense']['ders']:.2f} (goal >= {GOAL})")

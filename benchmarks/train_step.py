@@ -430,19 +430,12 @@ def memory_child(arm: Arm, shape: Shape, steps: int = 3) -> dict:
     }
 
 
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-"""glibc settings of the memory children (``--malloc fixed``, the default): blocks from 128 KiB on are mapped and
-unmapped on their own and freed heap tops are returned at once, instead of glibc's thresholds that grow with the
-blocks freed so far. The peak resident set then follows the live allocations: the same arm gives the same number in
-every run (with glibc's defaults one arm's peak varied by 25-70 MB between runs)."""
-
-
 def memory_part(arms: list[Arm], shape: Shape, threads: int, log, malloc: str = "fixed") -> dict:
     out = {}
     for arm in arms:
         args = [str(Path(__file__).resolve()), "--memory-arm", arm.name, "--threads", str(threads)]
         args += ["--shape", ",".join(f"{k}={v}" for k, v in asdict(shape).items())]
-        res = _common.run_json_subprocess(args, env=FIXED_MALLOC if malloc == "fixed" else None)
+        res = _common.run_json_subprocess(args, env=_common.FIXED_MALLOC if malloc == "fixed" else None)
         res["malloc"] = malloc
         log(f"memory {arm.name}: peak over start {res['peak_over_start_mb']:.0f} MB")
         out[arm.name] = res
@@ -631,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         "--malloc",
         choices=["fixed", "default"],
         default="fixed",
-        help="glibc thresholds of the memory children: fixed (reproducible, see FIXED_MALLOC) or glibc's default",
+        help="glibc thresholds of the memory children: fixed (reproducible, see _common.FIXED_MALLOC) or glibc's "
+        "default",
     )
     ap.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -674,7 +668,11 @@ def main(argv: list[str] | None = None) -> int:
             "3 training steps, minus the resident set before building (= weights + grads + AdamW states + "
             "activations + allocator slack): peak_over_start; the same minus the resident set after building: "
             "training_growth"
-            + (f"; glibc thresholds fixed ({FIXED_MALLOC})" if args.malloc == "fixed" else "; glibc's default malloc")
+            + (
+                f"; glibc thresholds fixed ({_common.FIXED_MALLOC})"
+                if args.malloc == "fixed"
+                else "; glibc's default malloc"
+            )
         ),
     }
     if "layer" in parts:

@@ -191,14 +191,21 @@ class SparseDelta(Delta):
     ):
         super().__init__(num_experts, out_features, in_features, scale)
         numel = out_features * in_features
+        if numel >= 2**31:
+            raise ValueError(
+                f"SparseDelta: a ({out_features}, {in_features}) matrix has {numel} entries; its flat indices are "
+                "int32, so DeRS-SM supports matrices of fewer than 2**31 entries"
+            )
         self.nnz = max(1, round(numel * (1.0 - sparse_rate)))
         device = fk.get("device")
         self.weight = nn.Parameter(torch.zeros(num_experts, self.nnz, **fk))
         idx = torch.empty(num_experts, self.nnz, dtype=torch.int32, device=device)
         if idx.device.type != "meta":
             for e in range(num_experts):
-                pick = torch.randperm(numel, generator=generator)[: self.nnz]
-                idx[e] = pick.sort().values.to(torch.int32)
+                # int32 draws the same permutation as int64 for a given generator, with half the temporary: a
+                # (numel,) int64 block per expert fragmented glibc's heap while a model loaded
+                pick = torch.randperm(numel, generator=generator, dtype=torch.int32)[: self.nnz]
+                idx[e] = pick.sort().values
         self.register_buffer("indices", idx)
         _init_values(self.weight, init, init_std, generator)
 

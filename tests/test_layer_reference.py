@@ -273,6 +273,18 @@ def test_initialisation_is_reproducible_from_the_seed(delta_type):
             assert not torch.equal(value[:4], value[4:8])  # experts 0 and 1 (rank 4: 4 rows each) differ
 
 
+def test_sparse_indices_are_the_generators_permutation_prefix():
+    """Each expert's indices are the first ``nnz`` entries of one ``randperm(numel)`` draw, sorted (the int64 draw,
+    computed directly here), so saved adapters and seeds keep their positions; too large a matrix is refused."""
+    delta = SparseDelta(3, 24, 40, sparse_rate=0.9, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    expected = torch.stack([torch.randperm(24 * 40, generator=gen)[: delta.nnz].sort().values for _ in range(3)])
+    assert delta.indices.dtype == torch.int32 and delta.nnz == 96
+    assert torch.equal(delta.indices.long(), expected)
+    with pytest.raises(ValueError, match=r"\(65536, 32768\) matrix .* int32"):
+        SparseDelta(1, 65536, 32768, sparse_rate=0.9, device="meta")
+
+
 @pytest.mark.parametrize("path", ["decode", "train"])
 @pytest.mark.parametrize("delta_type", ["lowrank", "sparse"])
 @pytest.mark.parametrize("scale", [0.5, 3.0])
