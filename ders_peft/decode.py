@@ -221,8 +221,8 @@ def _kernel_args(layer, adapter: str, pack: dict) -> tuple | None:
     r = pack["rank"]
     E = pack["width"] // r
     with torch.no_grad():
-        b_experts = [b.view(b.shape[0], E, r).transpose(0, 1).contiguous() for b in pack["b"]]
-        a_out_experts = pack["a_out_t"].view(-1, E, r).transpose(0, 1).contiguous()
+        b_experts = [b.view(b.shape[0], E, r).permute(1, 2, 0).contiguous() for b in pack["b"]]  # (E, r, out)
+        a_out_experts = pack["a_out_t"].view(-1, E, r).permute(1, 2, 0).contiguous()  # (E, r, I)
     small = (pack["stacked"], b_experts, a_out_experts, pack["b_out_t"])
     return (weights[:-1], weights[-1], *small, pack["num_experts"], r)
 

@@ -28,6 +28,7 @@ from types import ModuleType
 
 ENV_VAR = "DERS_PEFT_CPU_KERNELS"
 SOURCES = [Path(__file__).with_name(n) for n in ("bindings.cpp", "decode_cpu.cpp", "train_cpu.cpp")]
+HEADERS = [Path(__file__).with_name("vec_math.h")]
 _state: dict = {"enabled": None, "module": None}  # enabled: None until decided (env var read at first use)
 
 
@@ -45,8 +46,11 @@ def build(verbose: bool = False) -> ModuleType:
     if verbose:
         print("ders_peft: compiling the CPU kernels (once per machine, about a minute)...", flush=True)
     name, flags = _target()
+    # torch rebuilds when a source or a flag changes, not a header: the headers' digest goes in as a flag
+    headers = hashlib.sha1(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:12]
+    cflags = ["-O3", "-fopenmp-simd", f"-DDERS_KERNEL_HEADERS={headers}", *flags]
     _state["module"] = cpp_extension.load(
-        name=name, sources=[str(s) for s in SOURCES], extra_cflags=["-O3", "-fopenmp-simd", *flags], verbose=False
+        name=name, sources=[str(s) for s in SOURCES], extra_cflags=cflags, verbose=False
     )
     return _state["module"]
 

@@ -12,9 +12,13 @@
 #include <numeric>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+using ders_kernels::axpy;
+using ders_kernels::dot;
+using ders_kernels::silu;
 
 // Expert indices and weights of one token, as ders_peft.decode.route_small.
 void route_token(const float* logits, int64_t n, int64_t top_k, bool normalize, bool shared, float mix,
@@ -44,9 +48,9 @@ void route_token(const float* logits, int64_t n, int64_t top_k, bool normalize, 
 
 }  // namespace
 
-// b_in[j]: (E, out_j, r) and a_out: (E, inter, r), expert-major copies of the stacked factors, so that a slot reads
-// only its own expert's rows (the stacked (out, E*r) layout would pull every expert's columns through the cache);
-// b_out_t: (E*r, hidden), whose rows of one expert are contiguous already.
+// b_in[j]: (E, r, out_j) and a_out: (E, r, inter), expert-major copies of the stacked factors with each rank
+// component's row contiguous, so that a slot reads only its own expert's rows and every per-slot loop runs over a
+// contiguous row (vectorised); b_out_t: (E*r, hidden), whose rows of one expert are contiguous already.
 torch::Tensor lowrank_decode(const torch::Tensor& x, const std::vector<torch::Tensor>& base_in,
                              const torch::Tensor& w_down, const torch::Tensor& stacked,
                              const std::vector<torch::Tensor>& b_in, const torch::Tensor& a_out,
@@ -55,13 +59,18 @@ torch::Tensor lowrank_decode(const torch::Tensor& x, const std::vector<torch::Te
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (T, hidden) float32");
   TORCH_CHECK(base_in.size() == b_in.size() && (base_in.size() == 1 || base_in.size() == 2), "1 or 2 input projections");
   const int64_t T = x.size(0), n_in = base_in.size();
-  const int64_t num_deltas = a_out.size(0), inter = a_out.size(1), hidden = b_out_t.size(1);
+  const int64_t num_deltas = a_out.size(0), inter = a_out.size(2), hidden = b_out_t.size(1);
   const int64_t width = num_deltas * rank;
-  TORCH_CHECK(a_out.is_contiguous() && a_out.size(2) == rank && b_out_t.is_contiguous() && b_out_t.size(0) == width,
-              "down-side factors: contiguous (E, inter, r) and (E*r, hidden)");
-  for (const auto& b : b_in) {
-    TORCH_CHECK(b.is_contiguous() && b.size(0) == num_deltas && b.size(2) == rank, "B factors: contiguous (E, out, r)");
+  TORCH_CHECK(a_out.is_contiguous() && a_out.size(1) == rank && b_out_t.is_contiguous() && b_out_t.size(0) == width,
+              "down-side factors: contiguous (E, r, inter) and (E*r, hidden)");
+  int64_t pre_width = 0;
+  for (size_t j = 0; j < b_in.size(); ++j) {
+    const auto& b = b_in[j];
+    TORCH_CHECK(b.is_contiguous() && b.size(0) == num_deltas && b.size(1) == rank && b.size(2) == base_in[j].size(0),
+                "B factors: contiguous (E, r, out)");
+    pre_width += b.size(2);
   }
+  TORCH_CHECK(pre_width == 2 * inter, "the input projections give gate and up: 2 * intermediate outputs in all");
   const int64_t ld = stacked.size(0);
   TORCH_CHECK(ld == num_experts + n_in * width, "stacked rows: router, then each input projection's A");
 
@@ -74,7 +83,9 @@ torch::Tensor lowrank_decode(const torch::Tensor& x, const std::vector<torch::Te
   const float* sp = small.data_ptr<float>();
   float* mp = mixed.data_ptr<float>();
   std::fill(mp, mp + T * inter, 0.0f);
-  std::vector<float> gate(inter), up(inter), zd(rank);
+  std::vector<float> pre(2 * inter), h(inter);  // one slot's [gate | up] pre-activations, then its hidden row
+  float* gate = pre.data();
+  const float* up = pre.data() + inter;
   std::vector<int64_t> idx;
   std::vector<float> w;
   std::vector<std::vector<int64_t>> slots(T);
@@ -84,33 +95,26 @@ torch::Tensor lowrank_decode(const torch::Tensor& x, const std::vector<torch::Te
     for (size_t s = 0; s < idx.size(); ++s) {
       const int64_t e = idx[s];
       slots[t].push_back(e);
-      // pre-activations: base + B_e z_e, per input projection
+      // pre-activations: base + B_e z_e, per input projection (a fused gate_up projection fills both halves)
+      float* dst = pre.data();
       for (int64_t j = 0; j < n_in; ++j) {
         const int64_t out = base[j].size(1);
         const float* bp = base[j].data_ptr<float>() + t * out;
-        const float* be = b_in[j].data_ptr<float>() + e * out * rank;
+        const float* be = b_in[j].data_ptr<float>() + e * rank * out;
         const float* z = row + num_experts + j * width + e * rank;
-        float* dst = (n_in == 2 && j == 1) ? up.data() : gate.data();
-        for (int64_t i = 0; i < out; ++i) {
-          float acc = bp[i];
-          for (int64_t k = 0; k < rank; ++k) acc += be[i * rank + k] * z[k];
-          if (n_in == 1 && i >= inter) {
-            up[i - inter] = acc;
-          } else {
-            dst[i] = acc;
-          }
-        }
+        std::copy(bp, bp + out, dst);
+        for (int64_t k = 0; k < rank; ++k) axpy(dst, z[k], be + k * out, out);
+        dst += out;
       }
       const float ws = w[s];
-      std::fill(zd.begin(), zd.end(), 0.0f);
       float* mrow = mp + t * inter;
-      const float* ae = a_out.data_ptr<float>() + e * inter * rank;
+#pragma omp simd
       for (int64_t i = 0; i < inter; ++i) {
-        const float hi = silu(gate[i]) * up[i];
-        mrow[i] += ws * hi;
-        for (int64_t k = 0; k < rank; ++k) zd[k] += hi * ae[i * rank + k];
+        h[i] = silu(gate[i]) * up[i];
+        mrow[i] += ws * h[i];
       }
-      for (int64_t k = 0; k < rank; ++k) zmix[t * width + e * rank + k] += ws * zd[k];
+      const float* ae = a_out.data_ptr<float>() + e * rank * inter;
+      for (int64_t k = 0; k < rank; ++k) zmix[t * width + e * rank + k] += ws * dot(h.data(), ae + k * inter, inter);
     }
   }
   at::Tensor y = at::mm(mixed, w_down.t()).contiguous();  // (T, hidden)
@@ -123,9 +127,7 @@ torch::Tensor lowrank_decode(const torch::Tensor& x, const std::vector<torch::Te
       seen.push_back(e);
       for (int64_t k = 0; k < rank; ++k) {
         const float c = zmix[t * width + e * rank + k];
-        const float* brow = bo + (e * rank + k) * hidden;
-        float* yrow = yp + t * hidden;
-        for (int64_t h = 0; h < hidden; ++h) yrow[h] += c * brow[h];
+        axpy(yp + t * hidden, c, bo + (e * rank + k) * hidden, hidden);
       }
     }
   }
@@ -197,6 +199,7 @@ torch::Tensor sparse_decode(const torch::Tensor& x, const std::vector<torch::Ten
       }
       const float ws = w[s], wo = w[s] * static_cast<float>(scale_out);
       float* mrow = mp + t * inter;
+#pragma omp simd
       for (int64_t i = 0; i < inter; ++i) {
         h[i] = silu(gate[i]) * up[i];
         mrow[i] += ws * h[i];
