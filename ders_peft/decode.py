@@ -79,13 +79,13 @@ def layer_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
             return None
         return _lowrank(layer, adapter, config, pack, x)
     if all(type(deltas[n]) is SparseDelta for n in lay.projs):
+        y = _compiled_sparse(layer, adapter, config, deltas, x)
+        if y is not None:
+            return y
         weights = [layer.base_weight(adapter, n) for n in lay.projs]
         router = layer.ders_router[adapter].weight
         if any(t.dtype != x.dtype for t in (router, *weights, *(deltas[n].weight for n in lay.projs))):
             return None
-        y = _compiled_sparse(layer, adapter, config, deltas, weights, router, x)
-        if y is not None:
-            return y
         idx, w = route_small(F.linear(x, router), config.top_k, config.normalize_top_k, config.shared_expert)
         return _sparse(layer, adapter, deltas, weights, idx, w.to(x.dtype), x)
     if all(isinstance(deltas[n], FullDelta) for n in lay.projs):
@@ -119,10 +119,12 @@ def _base_sources(layer, adapter: str) -> list[tuple[dict, str]]:
     return pairs
 
 
-def _checks(layer, adapter: str, ins, out) -> tuple | None:
-    """What a cached pack depends on, as ``(container, key, object, version)`` entries: the router, delta and
-    activation modules (identity; ``version`` None) and every tensor of :func:`_sources` (identity and in-place
-    version). ``None`` for inference tensors, which have no version counter (then the pack is rebuilt every call)."""
+def _checks(layer, adapter: str, modules, sources, versioned: bool = True) -> tuple | None:
+    """What a cached pack depends on, as ``(container, key, object, version)`` entries: the router, delta, bias and
+    activation modules and ``modules`` (the deltas in ``layout.projs`` order) by identity (``version`` None), and every
+    ``(parameter dict, name)`` of ``sources`` by identity and, if ``versioned`` (the pack holds values computed from
+    them), in-place version. ``None`` for inference tensors, which have no version counter (then the pack is rebuilt
+    every call)."""
     lay = layer.layout
     deltas = layer.ders_delta[adapter]
     base = layer.base_layer
@@ -130,11 +132,12 @@ def _checks(layer, adapter: str, ins, out) -> tuple | None:
     checks = [
         (layer.ders_router._modules, adapter, layer.ders_router[adapter], None),
         (layer.ders_delta._modules, adapter, deltas, None),
+        (layer.ders_bias._modules, adapter, layer.ders_bias._modules.get(adapter), None),
         (act_holder, lay.act_attr, ffn.activation(base, lay), None),
     ]
-    checks += [(deltas._modules, name, d, None) for name, d in zip(lay.projs, (*ins, out), strict=True)]
+    checks += [(deltas._modules, name, d, None) for name, d in zip(lay.projs, modules, strict=True)]
     try:
-        checks += [(ps, name, ps[name], ps[name]._version) for ps, name in _sources(layer, adapter, ins, out)]
+        checks += [(ps, name, ps[name], ps[name]._version if versioned else None) for ps, name in sources]
     except RuntimeError:
         return None
     return tuple(checks)
@@ -175,7 +178,7 @@ def _lowrank_pack(layer, adapter: str, deltas, dtype: torch.dtype) -> dict | Non
             "width": out.num_experts * out.rank,
             "kernel": _UNSET,  # the compiled kernel's arguments, built at its first use
         }
-    checks = _checks(layer, adapter, ins, out)
+    checks = _checks(layer, adapter, (*ins, out), _sources(layer, adapter, ins, out))
     if checks is not None:
         _PACKS.setdefault(layer, {})[adapter] = (checks, dtype, pack)
     return pack
@@ -243,33 +246,49 @@ def _compiled(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch
     return kernel.lowrank_decode(x.contiguous(), *args, top_k, normalize, shared, SHARED_EXPERT_MIX)
 
 
-def _compiled_sparse(layer, adapter, config, deltas, weights, router, x: torch.Tensor) -> torch.Tensor | None:
+def _compiled_sparse(layer, adapter, config, deltas, x: torch.Tensor) -> torch.Tensor | None:
     """A sparse layer through the compiled CPU kernel, or ``None`` where it does not apply (as for low-rank)."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     kernel = kernels.decode_kernel()
-    if kernel is None or not _kernel_layout_ok(layer, adapter):
+    if kernel is None:
         return None
+    args = _sparse_kernel_args(layer, adapter, deltas)
+    if args is None:
+        return None
+    top_k, normalize, shared = config.top_k, config.normalize_top_k, config.shared_expert
+    return kernel.sparse_decode(x.contiguous(), *args, top_k, normalize, shared, SHARED_EXPERT_MIX)
+
+
+def _sparse_kernel_args(layer, adapter: str, deltas) -> tuple | None:
+    """The sparse kernel's tensor arguments (base weights, router, values, indices, scales), or ``None`` where it does
+    not apply (not a gated SiLU FFN, biases, not float32, not int32 indices); cached per layer until one of the modules
+    or tensors it holds is replaced (the kernel reads their current values, so in-place updates need no rebuild)."""
+    entry = _PACKS.get(layer, {}).get((adapter, "sparse"))
+    if entry is not None and _still_valid(entry[0]):
+        return entry[1]
     lay = layer.layout
     ins, out = [deltas[n] for n in lay.in_projs], deltas[lay.out_proj]
-    if any(d.indices.dtype != torch.int32 for d in (*ins, out)):
-        return None
-    return kernel.sparse_decode(
-        x.contiguous(),
-        weights[:-1],
-        weights[-1],
-        router,
-        [d.weight for d in ins],
-        [d.indices for d in ins],
-        [float(d.scale) for d in ins],
-        out.weight,
-        out.indices,
-        float(out.scale),
-        config.top_k,
-        config.normalize_top_k,
-        config.shared_expert,
-        SHARED_EXPERT_MIX,
+    weights = [layer.base_weight(adapter, n) for n in lay.projs]
+    router = layer.ders_router[adapter].weight
+    ok = (
+        _kernel_layout_ok(layer, adapter)
+        and all(t.dtype == torch.float32 for t in (router, *weights, *(d.weight for d in (*ins, out))))
+        and all(d.indices.dtype == torch.int32 for d in (*ins, out))
     )
+    args = None
+    if ok:
+        scales = [float(d.scale) for d in ins]
+        ins_w, ins_i = [d.weight for d in ins], [d.indices for d in ins]
+        args = (weights[:-1], weights[-1], router, ins_w, ins_i, scales, out.weight, out.indices, float(out.scale))
+    sources = _base_sources(layer, adapter)
+    if deltas is layer.ders_delta[adapter] and len(sources) == len(lay.projs):  # else: rebuilt every call
+        sources += [(layer.ders_router[adapter]._parameters, "weight")]
+        sources += [pair for d in (*ins, out) for pair in ((d._parameters, "weight"), (d._buffers, "indices"))]
+        checks = _checks(layer, adapter, (*ins, out), sources, versioned=False)
+        if checks is not None:
+            _PACKS.setdefault(layer, {})[(adapter, "sparse")] = (checks, args)
+    return args
 
 
 def _lowrank(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@
 namespace {
 
 using ders_kernels::axpy;
+using ders_kernels::DivMod;
 using ders_kernels::dot;
 using ders_kernels::silu;
 
@@ -168,6 +169,7 @@ torch::Tensor sparse_decode(const torch::Tensor& x, const std::vector<torch::Ten
   std::vector<float> gate(inter), up(inter), h(inter);
   std::vector<int64_t> idx;
   std::vector<float> w;
+  const DivMod by_hidden(hidden), by_inter(inter);  // flat index -> (row, column) of the (out, in) matrices
   for (int64_t t = 0; t < T; ++t) {
     route_token(lp + t * num_experts, num_experts, top_k, normalize, shared, static_cast<float>(mix), idx, w);
     const float* xt = xp + t * hidden;
@@ -186,7 +188,8 @@ torch::Tensor sparse_decode(const torch::Tensor& x, const std::vector<torch::Ten
         const int32_t* f = index_in[j].data_ptr<int32_t>() + e * nnz;
         const float scale = static_cast<float>(scale_in[j]);
         for (int64_t n = 0; n < nnz; ++n) {
-          const int64_t row = f[n] / hidden, col = f[n] % hidden;
+          int64_t row, col;
+          by_hidden(f[n], row, col);
           const float add = scale * v[n] * xt[col];
           if (n_in == 2 && j == 1) {
             up[row] += add;
@@ -208,7 +211,11 @@ torch::Tensor sparse_decode(const torch::Tensor& x, const std::vector<torch::Ten
       const float* v = values_out.data_ptr<float>() + e * nnz;
       const int32_t* f = index_out.data_ptr<int32_t>() + e * nnz;
       float* erow = ep + t * hidden;
-      for (int64_t n = 0; n < nnz; ++n) erow[f[n] / inter] += wo * v[n] * h[f[n] % inter];
+      for (int64_t n = 0; n < nnz; ++n) {
+        int64_t row, col;
+        by_inter(f[n], row, col);
+        erow[row] += wo * v[n] * h[col];
+      }
     }
   }
   return at::mm(mixed, w_down.t()).add_(extra);

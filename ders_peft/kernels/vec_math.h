@@ -39,6 +39,26 @@ inline void axpy(float* __restrict y, float alpha, const float* __restrict x, in
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// q = f / d and r = f % d for 0 <= f < 2^31 and d > 0 from a double multiplication by inv = 1.0 / d, corrected by one
+// step (the product is off by at most one): a 64-bit integer division costs tens of cycles, and the sparse kernels
+// split every stored flat index into its row and column.
+struct DivMod {
+  int64_t d;
+  double inv;
+  explicit DivMod(int64_t divisor) : d(divisor), inv(1.0 / static_cast<double>(divisor)) {}
+  inline void operator()(int64_t f, int64_t& q, int64_t& r) const {
+    q = static_cast<int64_t>(static_cast<double>(f) * inv);
+    r = f - q * d;
+    if (r < 0) {
+      --q;
+      r += d;
+    } else if (r >= d) {
+      ++q;
+      r -= d;
+    }
+  }
+};
+
 // SiLU(g) = g * sigmoid(g)
 inline float silu(float g) { return g * sigmoid(g); }
 
