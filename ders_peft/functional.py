@@ -125,8 +125,12 @@ def lowrank_routed_ffn(
     if (gated and len(widths) == 2 and widths[0] != widths[1]) or (gated and len(widths) == 1 and widths[0] % 2):
         raise ValueError(f"gated FFN needs gate and up projections of equal width, got {widths}")
     a_in = torch.cat([d.lora_a.weight for d in in_deltas]) if len(in_deltas) > 1 else in_deltas[0].lora_a.weight
-    w_in = torch.cat(list(in_base)) if len(in_base) > 1 else in_base[0]
-    base = x @ w_in.t()  # (T, sum of out_j): every input projection's base product in one matmul
+    if len(in_base) == 1:
+        base = x @ in_base[0].t()
+    elif x.shape[0] < x.shape[1]:  # few tokens (prefill): joining the products copies less than joining the weights
+        base = torch.cat([x @ w.t() for w in in_base], dim=1)
+    else:
+        base = x @ torch.cat(list(in_base)).t()  # (T, sum of out_j): every input projection's base product at once
     z = x @ a_in.to(x.dtype).t()  # (T, n_in * E*r): likewise their A products
     device = x.device.type
     dtype = _compute_dtype(x)

@@ -132,3 +132,35 @@ def test_missing_compiler_is_named_and_the_env_var_falls_back_with_a_warning(mon
     x = torch.randn(1, 1, 32)
     with torch.no_grad():  # the Python decode path still answers
         torch.testing.assert_close(layer(x), reference_layer_output(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_kernel_arguments_follow_replaced_and_updated_tensors(kernel_on):
+    """The sparse kernel's cached arguments: values changed in place are read as they are now; a replaced value
+    parameter, index buffer, delta module or base weight is noticed (each output against the explicitly synthesised
+    experts)."""
+    _, layer = _layer("llama", delta_type="sparse", sparse_rate=0.8)
+    deltas = layer.ders_delta["default"]
+    x = torch.randn(1, 1, 32)
+
+    def check():
+        with torch.no_grad():
+            got = layer(x)
+            want = reference_layer_output(layer, x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        return got
+
+    outs = [check()]
+    with torch.no_grad():
+        deltas["gate_proj"].weight.mul_(-2.0)  # an optimizer step between generations
+    outs.append(check())
+    deltas["up_proj"].weight = torch.nn.Parameter(deltas["up_proj"].weight.detach() * 3.0)  # load with assign=True
+    outs.append(check())
+    deltas["down_proj"].indices = deltas["down_proj"].indices.flip(0).clone()
+    outs.append(check())
+    deltas["up_proj"] = type(deltas["up_proj"])(4, 48, 32, sparse_rate=0.5, init="small", init_std=0.2)
+    outs.append(check())
+    base = layer.ders_base["default"].gate_proj
+    base.weight = torch.nn.Parameter(base.weight.detach() * 0.5)
+    outs.append(check())
+    assert kernel_on and all(kernel_on)
+    assert all((b - a).abs().max() > 1e-4 for a, b in zip(outs, outs[1:]))
