@@ -164,3 +164,18 @@ def test_sparse_kernel_arguments_follow_replaced_and_updated_tensors(kernel_on):
     outs.append(check())
     assert kernel_on and all(kernel_on)
     assert all((b - a).abs().max() > 1e-4 for a, b in zip(outs, outs[1:]))
+
+
+def test_sparse_prefill_takes_the_kernel_up_to_its_limit(kernel_on, monkeypatch):
+    """Sparse layers use the kernel for prefill-sized inputs too (more than ``MAX_DECODE_TOKENS`` tokens, up to
+    ``MAX_SPARSE_KERNEL_TOKENS``), with the reference's outputs; longer inputs, and low-rank layers above
+    ``MAX_DECODE_TOKENS``, keep the general path."""
+    monkeypatch.setattr(decode, "MAX_SPARSE_KERNEL_TOKENS", 40)
+    _, sparse = _layer("llama", delta_type="sparse", sparse_rate=0.8)
+    _, lowrank = _layer("llama")
+    for layer, tokens in ((sparse, 40), (sparse, 41), (lowrank, 17)):
+        x = torch.randn(1, tokens, 32)
+        with torch.no_grad():
+            got, want = layer(x), reference_layer_output(layer, x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert kernel_on == [True]
