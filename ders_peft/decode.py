@@ -33,10 +33,11 @@ MAX_DECODE_TOKENS = 16
 """Up to this many tokens per layer call the fast path is used (when no gradient is needed)."""
 
 MAX_SPARSE_KERNEL_TOKENS = 512
-"""Sparse layers take the compiled CPU kernel (where it applies) up to this many tokens, prefill included: one
-layer (hidden 512, intermediate 1408, N=4, top-2, p=0.999, one thread, 2026-12-06) took 2.8 / 8.5 / 32 ms through it
-against 4.6 / 18.6 / 45 ms through the grouped path at 32 / 128 / 512 tokens (the dense FFN: 2.3 / 7.5 / 26 ms); its
-per-slot loops run on one thread, so longer inputs keep the grouped path."""
+"""Sparse layers take the compiled CPU kernel (where it applies) up to this many tokens, prefill included. In a
+one-off timing loop (300 calls after 20 of warm-up, not a committed benchmark; hidden 512, intermediate 1408, N=4,
+top-2, p=0.999, one thread, 2026-12-06) one layer took 2.8 / 8.5 / 32 ms through it against 4.6 / 18.6 / 45 ms
+through the grouped path at 32 / 128 / 512 tokens (the dense FFN: 2.3 / 7.5 / 26 ms). Its per-slot loops run on one
+thread, so longer inputs keep the grouped path."""
 
 _BLOCK_MASKS: dict[tuple, torch.Tensor] = {}
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -1,5 +1,5 @@
-// Small float32 helpers shared by the CPU kernels (decode_cpu.cpp, train_cpu.cpp), written so that GCC vectorises
-// the loops that call them (no libm call, no branch in the element loop).
+// Small helpers shared by the CPU kernels (decode_cpu.cpp, train_cpu.cpp): float32 math written so that GCC
+// vectorises the loops that call it (no libm call, no branch), and index splitting without integer division.
 #pragma once
 
 #include <cstdint>
