@@ -20,6 +20,7 @@ from . import ffn
 from .deltas import Delta, LowRankDelta
 from .grouped_path import grouped_routed_ffn
 from .grouped_path import supports as grouped_supports
+from .joined import joined_product
 from .kernels import lowrank_train
 from .routing import RoutingPlan
 
@@ -124,14 +125,8 @@ def lowrank_routed_ffn(
     widths = [w.shape[0] for w in in_base]
     if (gated and len(widths) == 2 and widths[0] != widths[1]) or (gated and len(widths) == 1 and widths[0] % 2):
         raise ValueError(f"gated FFN needs gate and up projections of equal width, got {widths}")
-    a_in = torch.cat([d.lora_a.weight for d in in_deltas]) if len(in_deltas) > 1 else in_deltas[0].lora_a.weight
-    if len(in_base) == 1:
-        base = x @ in_base[0].t()
-    elif x.shape[0] < x.shape[1]:  # few tokens (prefill): joining the products copies less than joining the weights
-        base = torch.cat([x @ w.t() for w in in_base], dim=1)
-    else:
-        base = x @ torch.cat(list(in_base)).t()  # (T, sum of out_j): every input projection's base product at once
-    z = x @ a_in.to(x.dtype).t()  # (T, n_in * E*r): likewise their A products
+    base = joined_product(x, in_base)  # (T, sum of out_j): every input projection's base product at once
+    z = joined_product(x, [d.lora_a.weight.to(x.dtype) for d in in_deltas])  # (T, n_in * E*r): their A products
     device = x.device.type
     dtype = _compute_dtype(x)
     if lowrank_train.applies(x, dtype, out_delta.rank, ffn.is_silu(act), gated):  # the compiled CPU kernel

@@ -19,6 +19,7 @@ import torch
 
 from . import ffn, packing
 from .deltas import Delta, LowRankDelta, QuantizedDelta, SparseDelta
+from .joined import joined_mm, joined_mm_backward
 from .routing import RoutingPlan
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -93,6 +94,7 @@ class ExpertOp:
 
     out_features: int
     in_features: int
+    dense_products = False  # True where the per-expert products are dense matmuls (see RECOMPUTED_BASE)
 
     @staticmethod
     def params_of(delta: Delta) -> tuple[torch.Tensor, ...]:
@@ -131,8 +133,7 @@ class SparseOp(ExpertOp):
     csr: _CSRLayout | None  # CSR mode
     delta: SparseDelta | None = None  # CSR mode: where the transposed layout is built, when backward needs it
     flat: torch.Tensor | None = None  # dense mode: the delta's own int32 flat positions (E, nnz), no copy
-    last: dict = field(default_factory=dict, compare=False)  # dense mode: the last expert's matrix (one at a time)
-    scratch: dict = field(default_factory=dict, compare=False)  # dense mode: the value-gradient buffer (shared)
+    scratch: dict = field(default_factory=dict, compare=False)  # dense mode: the matrix and value-gradient buffers
 
     @classmethod
     def of(cls, delta: SparseDelta) -> SparseOp:
@@ -155,29 +156,32 @@ class SparseOp(ExpertOp):
         return _csr(c.crow[e], c.col[e], _in_order(values, c.perm[e]), (self.out_features, self.in_features))
 
     def _dense(self, e: int, params: tuple) -> torch.Tensor:
-        """Expert e's delta as a transient dense ``(out, in)`` matrix (dense mode). The op lives for one layer call
-        and keeps the last matrix it built: consecutive runs of slots of the same expert (the slots are sorted by
-        expert) and the products of one run reuse it, and at most one expert's matrix exists at a time."""
+        """Expert e's delta as a transient dense ``(out, in)`` matrix (dense mode). The ops of one layer call share
+        one such buffer (their matrices have the same size) and it keeps the last matrix built: the products of one
+        run of slots reuse it, and at most one expert matrix of the layer exists at a time (the ops use theirs one
+        after another, so sharing rebuilds nothing that per-op buffers would have kept)."""
         values = params[0]
         key = (e, values.data_ptr(), values._version)
-        full = self._buffer("matrix", values)  # one buffer per pass: a fresh one per expert would page-fault
-        if self.last.get("key") != key:
+        full = self._buffer("matrix", values, self.scratch)  # one buffer per pass: a fresh one per expert page-faults
+        if self.scratch.get("key") != key:
             full.zero_().view(-1).index_put_((self.flat[e],), values[e])
-            self.last["key"] = key
+            self.scratch["key"] = key
         return full
 
-    def _buffer(self, name: str, like: torch.Tensor, store: dict | None = None) -> torch.Tensor:
-        """A ``(out, in)`` work buffer kept in ``store`` (default: this op's own) across one pass; ops of the same
-        size share one flat buffer when their ``store`` is shared."""
-        store = self.last if store is None else store
+    def _buffer(self, name: str, like: torch.Tensor, store: dict) -> torch.Tensor:
+        """A ``(out, in)`` work buffer kept in ``store`` across one pass; ops of the same size share one flat buffer
+        when their ``store`` is shared."""
         key = (name, self.out_features * self.in_features)
         buf = store.get(key)
         if buf is None or buf.dtype != like.dtype:
             buf = store[key] = like.new_empty(key[1])
         return buf.view(self.out_features, self.in_features)
 
+    @property
+    def dense_products(self) -> bool:
+        return self.flat is not None
+
     def release(self) -> None:
-        self.last.clear()
         self.scratch.clear()
 
     def sharing(self, scratch: dict) -> SparseOp:
@@ -267,6 +271,7 @@ class QuantizedOp(ExpertOp):
     out_features: int
     in_features: int
     _last: list = field(default_factory=list, compare=False, repr=False)  # [e, scales, its version, q, matrix]
+    dense_products = True
 
     @classmethod
     def of(cls, delta: QuantizedDelta) -> QuantizedOp:
@@ -329,8 +334,7 @@ def grouped_routed_ffn(
     intermediate mix ``(T, I)``, in ``mixed_out["mixed"]`` (D2-MoE's pruned base does that)."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    w_in = torch.cat(list(in_base)) if len(in_base) > 1 else in_base[0]
-    base = x @ w_in.t()  # (T, sum of out_j): every input projection's base product in one matmul
+    in_w = [w.to(dtype) for w in in_base]
     deltas = [*in_deltas, out_delta]
     scratch: dict = {}  # the ops' shared work buffers, for this call only
     ops = [EXPERT_OPS[type(d)](d).sharing(scratch) for d in deltas]
@@ -338,10 +342,12 @@ def grouped_routed_ffn(
     biases = [b.to(dtype) for b in in_bias if b is not None]
     has_bias = tuple(b is not None for b in in_bias)
     order, _, counts = plan.sorted_slots()
-    spec = _Spec(act, gated, ffn.is_silu(act), ops, tuple(len(p) for p in params), has_bias, order, counts)
+    store_base = not all(op.dense_products for op in ops)
+    spec = _Spec(act, gated, ffn.is_silu(act), ops, tuple(len(p) for p in params), has_bias, order, counts,
+                 len(in_w), store_base)  # fmt: skip
     flat = [t for group in params for t in group]
     with torch.autocast(device, enabled=False):
-        mixed, y_delta = _GroupedSlots.apply(spec, x.to(dtype), base.to(dtype), plan.weights.to(dtype), *flat, *biases)
+        mixed, y_delta = _GroupedSlots.apply(spec, x.to(dtype), plan.weights.to(dtype), *in_w, *flat, *biases)
     if mixed_out is not None:
         mixed_out["mixed"] = mixed
     y = y_delta if out_base is None else y_delta + mixed @ out_base.t()
@@ -362,21 +368,25 @@ class _Spec:
     has_bias: tuple[bool, ...]  # per input projection
     order: torch.Tensor  # slots sorted by expert (flat token * S + slot)
     counts: list[int]  # slots per expert
+    num_base: int  # input projections' base weights in the inputs
+    store_base: bool  # keep the base products for backward (else recomputed there: see RECOMPUTED_BASE)
 
 
 class _GroupedSlots(torch.autograd.Function):
     """Per-slot core of the grouped routed FFN. Returns ``mixed = sum_s w_s h_s`` ``(T, I)`` and the routed down-side
     delta ``sum_s w_s h_s Delta_out[e_s]^T`` ``(T, hidden)``, where ``h_s = act(gate_s) * up_s`` (or ``act(pre_s)``)
-    and ``pre_s = base + x Delta_in[e_s]^T + b_in[e_s]``. Inputs: ``x`` ``(T, hidden)``, ``base`` ``(T, P)`` (the
-    input projections' base products side by side), ``weights`` ``(T, S)``, then every op's parameter tensors (input
-    projections first), then the per-expert input biases ``(E, out_j)`` that exist. The sorted slots are processed
-    in runs of :data:`GROUPED_CHUNK_ELEMENTS` / P rows, so no ``(slots, intermediate)`` tensor is held whole."""
+    and ``pre_s = base + x Delta_in[e_s]^T + b_in[e_s]``, ``base = x W_in^T`` ``(T, P)`` (the input projections' base
+    products side by side). Inputs: ``x`` ``(T, hidden)``, ``weights`` ``(T, S)``, the input projections' base
+    weights, then every op's parameter tensors (input projections first), then the per-expert input biases
+    ``(E, out_j)`` that exist. The sorted slots are processed in runs of :data:`GROUPED_CHUNK_ELEMENTS` / P rows, so
+    no ``(slots, intermediate)`` tensor is held whole."""
 
     @staticmethod
-    def forward(ctx, spec: _Spec, x, base, weights, *tensors):
+    def forward(ctx, spec: _Spec, x, weights, *tensors):
         ctx.spec = spec
-        ctx.save_for_backward(x, base, weights, *tensors)
-        state = _State(spec, x, base, weights, tensors)
+        base = joined_mm(x, tensors[: spec.num_base])  # (T, P): the input projections' base products
+        ctx.save_for_backward(x, weights, *tensors, *([base] if spec.store_base else []))
+        state = _State(spec, x, base, weights, tensors[spec.num_base :])
         out_op, out_params = spec.ops[-1], state.params[-1]
         mixed = x.new_zeros(base.shape[0], base.shape[1] // (2 if spec.gated else 1))
         y_delta = x.new_zeros(x.shape)
@@ -388,6 +398,7 @@ class _GroupedSlots(torch.autograd.Function):
                 out = h.new_zeros(b - a, out_op.out_features)
                 out_op.add_product(e, h[a:b], out_params, out)
                 y_delta.index_add_(0, tok[a:b], out.mul_(state.w[c0 + a : c0 + b, None]))
+            del h  # freed before the next chunk builds its own
         for op in spec.ops:  # nothing built for this pass is held until backward
             op.release()
         return mixed, y_delta
@@ -399,15 +410,18 @@ class _GroupedSlots(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_mixed, d_y):
-        x, base, weights, *tensors = ctx.saved_tensors
+        x, weights, *tensors = ctx.saved_tensors
         spec: _Spec = ctx.spec
         need = ctx.needs_input_grad
-        state = _State(spec, x, base, weights, tensors)
+        nb = spec.num_base
+        in_w, need_w = tensors[:nb], need[3 : 3 + nb]
+        base = tensors.pop() if spec.store_base else joined_mm(x, in_w)
+        state = _State(spec, x, base, weights, tensors[nb:])
         d_mixed, d_y = d_mixed.to(x.dtype), d_y.to(x.dtype)
         d_params = [[torch.zeros_like(p) for p in group] for group in state.params]
         d_biases = [torch.zeros_like(bias) for bias in state.biases]
         d_x = x.new_zeros(x.shape) if need[1] else None
-        d_base = base.new_zeros(base.shape) if need[2] else None
+        d_base = base.new_zeros(base.shape) if need[1] or any(need_w) else None
         d_w_sorted = weights.new_empty(weights.numel())
         for c0, c1, segments in state.chunks():
             tok, w = state.tok[c0:c1], state.w[c0:c1, None]
@@ -441,12 +455,15 @@ class _GroupedSlots(torch.autograd.Function):
                 d_x.index_add_(0, tok, d_x_s)
             if d_base is not None:
                 d_base.index_add_(0, tok, d_pre)
+            del xs, pre, h, a_gate, d_h, d_w, d_pre, d_x_s  # freed before the next chunk builds its own
         for op in spec.ops:
             op.release()
+        del state, base
+        d_in_w = [None] * nb if d_base is None else joined_mm_backward(d_base, x, in_w, d_x, need_w)
         d_weights = None
-        if need[3]:
+        if need[2]:
             d_weights = weights.new_zeros(weights.numel()).index_copy_(0, spec.order, d_w_sorted).view(weights.shape)
-        return None, d_x, d_base, d_weights, *(g for group in d_params for g in group), *d_biases
+        return None, d_x, d_weights, *d_in_w, *(g for group in d_params for g in group), *d_biases
 
 
 def _activation_backward(spec: _Spec, pre: torch.Tensor, a_gate: torch.Tensor | None, d_h: torch.Tensor):
@@ -468,6 +485,16 @@ def _activation_backward(spec: _Spec, pre: torch.Tensor, a_gate: torch.Tensor | 
             activated = spec.act(leaf)
         d_gate.copy_(torch.autograd.grad(activated, leaf, d_act)[0])
     return d_pre
+
+
+RECOMPUTED_BASE = "dense products"
+"""When the base products ``(T, P)`` are recomputed in backward instead of stored from forward: when every op's
+per-expert products are dense matmuls (sparse deltas in dense mode, quantized deltas). Their per-slot work costs
+several base products, so one more costs little, and the layer then holds only ``x`` and the router-weighted mix
+from forward to backward. Measured on 2026-12-07 (Intel Xeon VM, one thread): DeRS-SM p=0.9's training-step peak
+(benchmarks/train_step.py memory child, fixed glibc thresholds) 392 -> 361 MB; its layer's fwd+bwd (2048 tokens,
+512 -> 1408, 9 interleaved rounds) 0.880 -> 0.920 s. The sparser modes keep storing them: there one base product
+is a large share of the layer's work."""
 
 
 GROUPED_CHUNK_ELEMENTS = 2**20

@@ -329,13 +329,15 @@ def test_flex_lowrank_grouped_path_gradcheck_and_reference(shared_a, ranks):
     order, _, counts = plan.sorted_slots()
     ops = [grouped_path.EXPERT_OPS[type(d)](d) for d in deltas]
     shapes = [p.shape for op, d in zip(ops, deltas, strict=True) for p in type(op).params_of(d)]
-    spec = grouped_path._Spec(torch.nn.functional.silu, True, True, ops, (2, 2, 2), (False, False), order, counts)
+    spec = grouped_path._Spec(
+        torch.nn.functional.silu, True, True, ops, (2, 2, 2), (False, False), order, counts, 2, store_base=True
+    )
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
     weights = plan.weights.double().requires_grad_()
-    inputs = [rnd(T, hidden), rnd(T, 2 * width), weights, *(rnd(*s) for s in shapes)]
+    inputs = [rnd(T, hidden), weights, rnd(width, hidden), rnd(width, hidden), *(rnd(*s) for s in shapes)]
     assert torch.autograd.gradcheck(lambda *t: grouped_path._GroupedSlots.apply(spec, *t), inputs)
 
     x = torch.randn(T, hidden, generator=gen, dtype=torch.float64)

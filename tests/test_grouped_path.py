@@ -38,8 +38,10 @@ def sparse_mode(monkeypatch, mode: str) -> None:
     ],
 )
 @pytest.mark.parametrize("num_slots", [1, 3])
-def test_slot_core_gradcheck(mode, gated, num_in, bias, act, num_slots, monkeypatch):
-    """Double-precision gradcheck of the hand-written backward: x, base, router weights, delta tensors and biases."""
+@pytest.mark.parametrize("store_base", [True, False])
+def test_slot_core_gradcheck(mode, gated, num_in, bias, act, num_slots, store_base, monkeypatch):
+    """Double-precision gradcheck of the hand-written backward: x, router weights, base weights, delta tensors and
+    biases; with the base products stored from forward and recomputed in backward."""
     if mode.startswith("sparse-"):
         sparse_mode(monkeypatch, mode.removeprefix("sparse-"))
     gen = torch.Generator().manual_seed(0)
@@ -59,12 +61,14 @@ def test_slot_core_gradcheck(mode, gated, num_in, bias, act, num_slots, monkeypa
     ops = [grouped_path.EXPERT_OPS[type(d)](d) for d in deltas]
     shapes = [p.shape for op, d in zip(ops, deltas, strict=True) for p in type(op).params_of(d)]
     num_params = tuple(len(type(op).params_of(d)) for op, d in zip(ops, deltas, strict=True))
-    spec = grouped_path._Spec(act, gated, ffn.is_silu(act), ops, num_params, (bias,) * len(outs), order, counts)
+    spec = grouped_path._Spec(
+        act, gated, ffn.is_silu(act), ops, num_params, (bias,) * len(outs), order, counts, len(outs), store_base
+    )
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
-    inputs = [rnd(T, hidden), rnd(T, sum(outs)), rnd(T, num_slots), *(rnd(*shape) for shape in shapes)]
+    inputs = [rnd(T, hidden), rnd(T, num_slots), *(rnd(o, hidden) for o in outs), *(rnd(*shape) for shape in shapes)]
     inputs += [rnd(E, o) for o in outs] if bias else []
     assert torch.autograd.gradcheck(lambda *t: grouped_path._GroupedSlots.apply(spec, *t), inputs)
 
@@ -271,3 +275,31 @@ def test_dense_mode_caches_no_layout_and_builds_one_expert_matrix_at_a_time():
     assert not log.shapes & stacked, sorted(log.shapes & stacked)
     for delta in layer.ders_delta["default"].values():
         assert not delta.__dict__.get("_index_cache"), delta.__dict__.get("_index_cache")
+
+
+@pytest.mark.parametrize("mode", ["csr", "dense"])
+def test_dense_mode_recomputes_the_base_products_instead_of_saving_them(mode, monkeypatch):
+    """From forward to backward the layer keeps its input, the router's tensors and the ``(T, I)`` mix, never a
+    joined copy of the base weights; the ``(T, 2I)`` base products only where the deltas are sparse enough for them
+    to matter (CSR mode), not in dense mode (recomputed in backward: see ``RECOMPUTED_BASE``)."""
+    sparse_mode(monkeypatch, mode)
+    hidden, inter = 32, 48
+    cfg = ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9)
+    model = get_peft_model(tiny_model("llama"), cfg)
+    randomize_adapter(model, std=0.1)
+    layer = ders_layers(model)[0]
+    x = torch.randn(1, 21, hidden, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert (2 * inter, hidden) not in saved and (hidden, 2 * inter) not in saved  # no joined weight copy
+    assert ((21, 2 * inter) in saved) == (mode == "csr"), saved
+    want = reference_layer_output(layer, x.detach().requires_grad_())
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)

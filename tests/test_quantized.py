@@ -198,12 +198,14 @@ def test_slot_core_gradcheck(bits, group_size, gated):
     order, _, counts = plan.sorted_slots()
     act = torch.nn.functional.silu if gated else torch.nn.functional.gelu
     ops = [grouped_path.EXPERT_OPS[type(d)](d) for d in deltas]
-    spec = grouped_path._Spec(act, gated, gated, ops, (1,) * len(ops), (False,) * len(outs), order, counts)
+    spec = grouped_path._Spec(act, gated, gated, ops, (1,) * len(ops), (False,) * len(outs), order, counts, len(outs),
+                              store_base=False)  # fmt: skip
+    assert all(op.dense_products for op in ops)  # so the layer recomputes the base products in backward
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
-    inputs = [rnd(T, hidden), rnd(T, sum(outs)), rnd(T, 2), *(rnd(*d.scales.shape) for d in deltas)]
+    inputs = [rnd(T, hidden), rnd(T, 2), *(rnd(o, hidden) for o in outs), *(rnd(*d.scales.shape) for d in deltas)]
     assert torch.autograd.gradcheck(lambda *t: grouped_path._GroupedSlots.apply(spec, *t), inputs)
 
 
