@@ -45,15 +45,20 @@ def joined_mm_backward(
     weights: Sequence[torch.Tensor],
     d_x: torch.Tensor | None,
     need_w: Sequence[bool],
+    overwrite: bool = False,
 ) -> list[torch.Tensor | None]:
-    """Backward of :func:`joined_mm` for the result's gradient ``grad``: adds ``grad @ cat(weights)`` into ``d_x``
-    (skipped when None) and returns each weight's gradient ``grad_j^T x`` (None where ``need_w`` is False)."""
+    """Backward of :func:`joined_mm` for the result's gradient ``grad``: ``grad @ cat(weights)`` is added into
+    ``d_x`` (or written there, overwriting it, if ``overwrite``; skipped when ``d_x`` is None); returns each weight's
+    gradient ``grad_j^T x`` (None where ``need_w`` is False)."""
     d_w, col = [], 0
-    for w, need in zip(weights, need_w, strict=True):
+    for j, (w, need) in enumerate(zip(weights, need_w, strict=True)):
         g = grad[:, col : col + w.shape[0]]
         col += w.shape[0]
         if d_x is not None:
-            d_x.addmm_(g, w)
+            if overwrite and j == 0:
+                torch.mm(g, w, out=d_x)
+            else:
+                d_x.addmm_(g, w)
         d_w.append(g.t() @ x if need else None)
     return d_w
 
@@ -68,6 +73,6 @@ class _JoinedProduct(torch.autograd.Function):
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
         need = ctx.needs_input_grad
-        d_x = torch.zeros_like(x) if need[0] else None
-        d_w = joined_mm_backward(grad, x, weights, d_x, need[1:])
+        d_x = torch.empty_like(x) if need[0] else None
+        d_w = joined_mm_backward(grad, x, weights, d_x, need[1:], overwrite=True)
         return d_x, *d_w
