@@ -4,6 +4,9 @@ The routed FFN's input projections (gate and up) share their input, so their bas
 result. Joining the weights first (``torch.cat``) would copy them on every call and keep that copy alive until
 backward (autograd saves a matmul's operands): one extra ``(P, hidden)`` matrix per layer held from forward to
 backward. Here each product is written into its columns of the result, and backward reads the weights themselves.
+That reads ``x`` once per weight: for wide weights (the base projections) it costs nothing measurable, for skinny
+ones (low-rank factors, a few rows each) joining the small weights is cheaper (measured on 2026-12-07, one thread,
+``x`` 2048 x 512, two 16-row factors, fwd+bwd: 2.0 ms joined by ``torch.cat``, 3.4 ms here).
 """
 
 from __future__ import annotations
