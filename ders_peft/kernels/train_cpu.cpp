@@ -19,7 +19,6 @@
 
 namespace {
 
-using ders_kernels::axpy;
 using ders_kernels::dot;
 using ders_kernels::sigmoid;
 
@@ -93,9 +92,8 @@ void backward_rows(int64_t t0, int64_t t1, const Shapes& sh, const float* d_mixe
                    const float* bg, const float* bu, const float* a, const float* z_slots, float* d_w, float* d_z,
                    float* d_base, float* acc) {
   const int64_t I = sh.I, S = sh.S, ER = sh.E * R;
-  std::vector<float> rows(3 * I);  // the slot's h, d gate and d up, in L1
-  float* __restrict H = rows.data();
-  float* __restrict DG = H + I;
+  std::vector<float> rows(2 * I);  // the slot's d gate and d up, in L1
+  float* __restrict DG = rows.data();
   float* __restrict DU = DG + I;
   for (int64_t t = t0; t < t1; ++t) {
     const float* __restrict G = base + t * 2 * I;
@@ -122,7 +120,10 @@ void backward_rows(int64_t t0, int64_t t1, const Shapes& sh, const float* d_mixe
       float* __restrict dBg = acc + e * R * I;
       float* __restrict dBu = acc + (sh.E + e) * R * I;
       float* __restrict dA = acc + (2 * sh.E + e) * R * I;
-#pragma omp simd
+      // one pass: recompute the slot's row, its gradients, the router-weight dot and the factor gradients (axpys);
+      // the dots with Bg and Bu follow (reductions into R-arrays inside this loop stop GCC 12 vectorising it)
+      float dwh = 0.0f;
+#pragma omp simd reduction(+ : dwh)
       for (int64_t i = 0; i < I; ++i) {
         float g = G[i], u = U[i];
         for (int k = 0; k < R; ++k) {
@@ -132,23 +133,25 @@ void backward_rows(int64_t t0, int64_t t1, const Shapes& sh, const float* d_mixe
         const float sig = sigmoid(g);
         const float act = g * sig;
         const float h = act * u;
-        float dh = ww * dM[i];
+        const float dmi = dM[i];
+        float dh = ww * dmi;
         for (int k = 0; k < R; ++k) dh += c[k] * A[k * I + i];
         const float du = dh * act;
         const float dg = dh * u * sig * (1.0f + g * (1.0f - sig));
-        H[i] = h;
         DG[i] = dg;
         DU[i] = du;
         dG[i] += dg;
         dU[i] += du;
+        dwh += h * dmi;
+        for (int k = 0; k < R; ++k) {
+          dBg[k * I + i] += cg[k] * dg;
+          dBu[k * I + i] += cu[k] * du;
+          dA[k * I + i] += c[k] * h;
+        }
       }
-      const float dwh = dot(H, dM, I);
       for (int k = 0; k < R; ++k) {
         rg[k] = dot(DG, Bg + k * I, I);
         ru[k] = dot(DU, Bu + k * I, I);
-        axpy(dBg + k * I, cg[k], DG, I);
-        axpy(dBu + k * I, cu[k], DU, I);
-        axpy(dA + k * I, c[k], H, I);
       }
       d_w[t * S + s] = dw + dwh;
       for (int k = 0; k < R; ++k) {
