@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import ffn, kernels
+from . import decode_fast, ffn, kernels
 from .deltas import FullDelta, LowRankDelta, SparseDelta
 from .routing import SHARED_EXPERT_MIX
 
@@ -254,7 +254,12 @@ def _compiled(layer, adapter: str, config, pack: dict, x: torch.Tensor) -> torch
     if args is None:
         return None
     top_k, normalize, shared = config.top_k, config.normalize_top_k, config.shared_expert
-    return kernel.lowrank_decode(x.contiguous(), *args, top_k, normalize, shared, SHARED_EXPERT_MIX)
+    y = kernel.lowrank_decode(x.contiguous(), *args, top_k, normalize, shared, SHARED_EXPERT_MIX)
+    cached = _PACKS.get(layer, {}).get(adapter)
+    if cached is not None and cached[2] is pack:
+        call = lambda xf: kernel.lowrank_decode(xf, *args, top_k, normalize, shared, SHARED_EXPERT_MIX)  # noqa: E731
+        decode_fast.remember(layer, adapter, call, cached[0], lambda: MAX_DECODE_TOKENS, _still_valid)
+    return y
 
 
 def _compiled_sparse(layer, adapter, config, deltas, x: torch.Tensor) -> torch.Tensor | None:
@@ -268,7 +273,12 @@ def _compiled_sparse(layer, adapter, config, deltas, x: torch.Tensor) -> torch.T
     if args is None:
         return None
     top_k, normalize, shared = config.top_k, config.normalize_top_k, config.shared_expert
-    return kernel.sparse_decode(x.contiguous(), *args, top_k, normalize, shared, SHARED_EXPERT_MIX)
+    y = kernel.sparse_decode(x.contiguous(), *args, top_k, normalize, shared, SHARED_EXPERT_MIX)
+    cached = _PACKS.get(layer, {}).get((adapter, "sparse"))
+    if cached is not None and cached[1] is args:
+        call = lambda xf: kernel.sparse_decode(xf, *args, top_k, normalize, shared, SHARED_EXPERT_MIX)  # noqa: E731
+        decode_fast.remember(layer, adapter, call, cached[0], lambda: MAX_SPARSE_KERNEL_TOKENS, _still_valid)
+    return y
 
 
 def _sparse_kernel_args(layer, adapter: str, deltas) -> tuple | None:

@@ -179,3 +179,72 @@ def test_sparse_prefill_takes_the_kernel_up_to_its_limit(kernel_on, monkeypatch)
             got, want = layer(x), reference_layer_output(layer, x)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert kernel_on == [True]
+
+
+@pytest.mark.parametrize("delta_type", ["lowrank", "sparse"])
+def test_remembered_kernel_call_serves_repeated_steps_and_notices_every_change(delta_type, kernel_on, monkeypatch):
+    """After the kernel served a decode call, the next ones replay it (``decode_fast``: the layer's full path is not
+    entered); each change that would alter the output or the path is noticed, and the output is then the
+    reference's (or the base model's, adapters disabled)."""
+    model, layer = _layer("llama", delta_type=delta_type, sparse_rate=0.8)
+    full_path = []
+    real = decode.layer_forward
+    monkeypatch.setattr(decode, "layer_forward", lambda *a: full_path.append(1) or real(*a))
+    x = torch.randn(1, 2, 32)
+
+    def step(want_full: bool):
+        before = len(full_path)
+        with torch.no_grad():
+            got = layer(x)
+            want = reference_layer_output(layer, x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert (len(full_path) > before) == want_full
+        return got
+
+    outs = [step(True)]
+    torch.testing.assert_close(step(False), outs[0], atol=0, rtol=0)  # a replay gives the very same output
+    deltas = layer.ders_delta["default"]
+    with torch.no_grad():  # an optimizer step between generations
+        next(deltas["gate_proj"].parameters()).mul_(-3.0)
+    outs.append(step(delta_type == "lowrank"))  # the low-rank pack holds derived copies; sparse reads live values
+    layer.ders_settings["default"].top_k = 1
+    outs.append(step(True))
+    layer.ders_settings["default"].top_k = 2
+    outs.append(step(True))
+    kernels.disable_cpu_kernels()
+    step(True)
+    assert kernel_on[-1] is False
+    monkeypatch.setitem(kernels._state, "enabled", True)
+    step(False)  # the same kernel again: the remembered call still holds
+    with model.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+    step(False)
+    limits = decode.MAX_DECODE_TOKENS, decode.MAX_SPARSE_KERNEL_TOKENS
+    monkeypatch.setattr(decode, "MAX_DECODE_TOKENS", 1)  # more tokens than the kernel takes: the full path
+    monkeypatch.setattr(decode, "MAX_SPARSE_KERNEL_TOKENS", 1)
+    step(True)
+    monkeypatch.setattr(decode, "MAX_DECODE_TOKENS", limits[0])
+    monkeypatch.setattr(decode, "MAX_SPARSE_KERNEL_TOKENS", limits[1])
+    step(False)
+    y = layer(x)  # gradient enabled: the general (training) path
+    assert y.requires_grad
+    assert all((b - a).abs().max() > 1e-4 for a, b in zip(outs, outs[1:])), "every change moved the output"
+
+
+def test_remembered_kernel_call_follows_the_active_adapter(kernel_on):
+    """Switching adapters (``set_adapter``) leaves the remembered call unused: each step gives the active adapter's
+    reference output."""
+    model, layer = _layer("llama")
+    model.add_adapter("other", ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="lowrank", rank=2))
+    randomize_adapter(model, std=0.1)
+    x = torch.randn(1, 1, 32)
+    outs = {}
+    for name in ("default", "other", "default"):
+        model.set_adapter(name)
+        for _ in range(2):
+            with torch.no_grad():
+                got, want = layer(x), reference_layer_output(layer, x)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        outs.setdefault(name, got)
+    assert (outs["default"] - outs["other"]).abs().max() > 1e-4
+    assert all(kernel_on)
