@@ -47,8 +47,10 @@ def forget(layer) -> None:
 
 def run(layer, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output for ``x`` through the remembered kernel call, or ``None`` where it does not apply."""
+    if torch.is_grad_enabled():  # training (and torch.compile of it) never reaches the lookup
+        return None
     entry = _ENTRIES.get(layer)
-    if entry is None or torch.is_grad_enabled() or x.dtype is not torch.float32 or x.device.type != "cpu":
+    if entry is None or x.dtype is not torch.float32 or x.device.type != "cpu":
         return None
     if torch.is_autocast_enabled("cpu") or layer._disable_adapters or layer._active_adapter is not entry.active:
         return None
