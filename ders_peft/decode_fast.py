@@ -41,10 +41,6 @@ def remember(layer, adapter: str, call: Callable, checks: tuple | None, max_toke
         _ENTRIES[layer] = _Entry(layer, adapter, call, checks, max_tokens, valid)
 
 
-def forget(layer) -> None:
-    _ENTRIES.pop(layer, None)
-
-
 def run(layer, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output for ``x`` through the remembered kernel call, or ``None`` where it does not apply."""
     if torch.is_grad_enabled():  # training (and torch.compile of it) never reaches the lookup

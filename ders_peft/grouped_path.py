@@ -94,7 +94,14 @@ class ExpertOp:
 
     out_features: int
     in_features: int
-    dense_products = False  # True where the per-expert products are dense matmuls (see RECOMPUTED_BASE)
+    dense_products = False
+    """True where the per-expert products are dense matmuls (sparse deltas in dense mode, quantized deltas). When every
+    op of a layer call says so, the base products ``(T, P)`` are recomputed in backward instead of stored from
+    forward: the per-slot work costs several base products, so one more costs little, and the layer then holds only
+    ``x`` and the router-weighted mix from forward to backward. Measured on 2026-12-07 (Intel Xeon VM, one thread):
+    DeRS-SM p=0.9's training-step peak (benchmarks/train_step.py memory child, fixed glibc thresholds) 392 -> 361 MB;
+    its layer's fwd+bwd (2048 tokens, 512 -> 1408, 9 interleaved rounds) 0.880 -> 0.920 s. The sparser modes keep
+    storing them: there one base product is a large share of the layer's work."""
 
     @staticmethod
     def params_of(delta: Delta) -> tuple[torch.Tensor, ...]:
@@ -369,7 +376,7 @@ class _Spec:
     order: torch.Tensor  # slots sorted by expert (flat token * S + slot)
     counts: list[int]  # slots per expert
     num_base: int  # input projections' base weights in the inputs
-    store_base: bool  # keep the base products for backward (else recomputed there: see RECOMPUTED_BASE)
+    store_base: bool  # keep the base products for backward (else recomputed there: see ExpertOp.dense_products)
 
 
 class _GroupedSlots(torch.autograd.Function):
@@ -485,16 +492,6 @@ def _activation_backward(spec: _Spec, pre: torch.Tensor, a_gate: torch.Tensor | 
             activated = spec.act(leaf)
         d_gate.copy_(torch.autograd.grad(activated, leaf, d_act)[0])
     return d_pre
-
-
-RECOMPUTED_BASE = "dense products"
-"""When the base products ``(T, P)`` are recomputed in backward instead of stored from forward: when every op's
-per-expert products are dense matmuls (sparse deltas in dense mode, quantized deltas). Their per-slot work costs
-several base products, so one more costs little, and the layer then holds only ``x`` and the router-weighted mix
-from forward to backward. Measured on 2026-12-07 (Intel Xeon VM, one thread): DeRS-SM p=0.9's training-step peak
-(benchmarks/train_step.py memory child, fixed glibc thresholds) 392 -> 361 MB; its layer's fwd+bwd (2048 tokens,
-512 -> 1408, 9 interleaved rounds) 0.880 -> 0.920 s. The sparser modes keep storing them: there one base product
-is a large share of the layer's work."""
 
 
 GROUPED_CHUNK_ELEMENTS = 2**20

@@ -281,7 +281,7 @@ def test_dense_mode_caches_no_layout_and_builds_one_expert_matrix_at_a_time():
 def test_dense_mode_recomputes_the_base_products_instead_of_saving_them(mode, monkeypatch):
     """From forward to backward the layer keeps its input, the router's tensors and the ``(T, I)`` mix, never a
     joined copy of the base weights; the ``(T, 2I)`` base products only where the deltas are sparse enough for them
-    to matter (CSR mode), not in dense mode (recomputed in backward: see ``RECOMPUTED_BASE``)."""
+    to matter (CSR mode), not in dense mode (recomputed in backward: see ``ExpertOp.dense_products``)."""
     sparse_mode(monkeypatch, mode)
     hidden, inter = 32, 48
     cfg = ders_peft.DeRSConfig(num_experts=4, top_k=2, delta_type="sparse", sparse_rate=0.9)
